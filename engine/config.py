@@ -1,0 +1,465 @@
+"""Typed experiment configuration: one YAML file per experiment, defaults in code.
+
+A run is described by a YAML file with the sections below. Every key has a default here, so a file
+only states what differs. Dotted ``key=value`` overrides given after the file on the command line win
+over the file. Loading is strict: an unknown section or key, a value of the wrong type, or a value
+outside its allowed set raises :class:`ConfigError`, whose message names the key, the file and the
+valid choices (with a did-you-mean suggestion for typos).
+
+The resolved :class:`Config` (defaults + file + overrides) is what gets saved in the run folder and
+inside every checkpoint, so a checkpoint is enough to rebuild its model (see ``eval.py``).
+
+Example::
+
+    cfg = load_config("resnet50_an.yaml", ["optim.lr=0.2", "data.root=/data/imagenet"])
+    cfg.model.name, cfg.data.batch_size, cfg.optim.lr
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+AmpMode = Literal["bf16", "fp16", "none"]
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message is meant to be shown to the user as is."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sections. Comments after each field are the documentation users see in `configs/README` style.
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    name: str = "resnet50"  # a name from models.list_models()
+    norm: str = "bn"  # bn | gn | sn | se | an | an_gn | iebn
+    num_classes: int = 1000
+    # Attentive Normalization options (ignored by other norms).
+    norm_k: list[int] | None = None  # K per stage; None = the paper's values for the backbone
+    an_placement: str | None = None  # ResNet: bn2 (paper) | bn3 | all; None = the backbone's default
+    an_attention: Literal["hsigmoid", "sigmoid", "softmax"] = "hsigmoid"
+    an_impl: Literal["auto", "reference", "fused"] = "auto"  # AN kernel implementation (see an/fused.py)
+    gn_groups: int = 32  # groups for gn / an_gn
+    # Architecture options.
+    zero_init_last: bool | None = None  # zero-init the last norm of residual blocks; None = backbone default
+    deep_stem: bool | None = None  # ResNet: 3x3 deep stem + 2x2 max-pool (the 200-epoch "advanced" rows)
+    avg_down: bool | None = None  # ResNet: average-pool downsampling in projection shortcuts
+    drop_rate: float | None = None  # dropout before the classifier (MobileNetV2) / in node ops (AOGNet)
+    kwargs: dict[str, Any] = field(default_factory=dict)  # extra keyword arguments for the model builder
+
+
+@dataclass
+class DataConfig:
+    root: str = ""  # dataset root holding train/<class>/*.JPEG and val/<class>/*.JPEG
+    backend: Literal["dali", "dali_cpu", "torch", "synthetic"] = "torch"
+    batch_size: int = 128  # per GPU (per process)
+    eval_batch_size: int | None = None  # per GPU; None = batch_size
+    workers: int = 8  # loader worker processes (torch) or DALI CPU threads, per process
+    img_size: int = 224  # training and evaluation crop
+    crop_pct: float = 0.875  # evaluation: resize shorter side to img_size / crop_pct (224 / 0.875 = 256)
+    interpolation: Literal["bilinear", "bicubic"] = "bilinear"
+    scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # RandomResizedCrop area range
+    ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])  # RandomResizedCrop aspect range
+    hflip: float = 0.5  # horizontal flip probability
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    synthetic_train_size: int = 1281167  # images per epoch of the synthetic backend
+    synthetic_val_size: int = 50000
+    # DALI options.
+    dali_hw_decoder_load: float = 0.65  # share of JPEGs sent to the hardware decoder (A100/H100)
+    dali_preallocate: bool = True  # preallocate nvJPEG memory for ImageNet-sized images
+    dali_prefetch: int = 2  # prefetch queue depth
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["sgd", "adamw", "apex_sgd", "apex_lamb"] = "sgd"  # apex_* need NVIDIA apex installed
+    lr: float = 0.1  # base LR per `base_batch_size` images; scaled by the global batch
+    base_batch_size: int = 256
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 1e-4
+    decay_norm: bool = True  # decay norm and AN mixture parameters too (the official recipe decays all)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw
+    clip_grad: float | None = None  # max global gradient norm; None = no clipping
+    accum_steps: int = 1  # gradient accumulation: optimizer step every N micro-batches
+
+
+@dataclass
+class SchedConfig:
+    name: Literal["cosine", "constant"] = "cosine"
+    epochs: int = 120
+    warmup_epochs: float = 5.0
+    warmup_start_factor: float = 0.0  # warmup starts at this fraction of the peak LR
+    min_lr: float = 0.0  # cosine floor, absolute
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/default"
+    amp: AmpMode = "bf16"  # autocast dtype on CUDA; on CPU bf16 autocast is used when set, fp16 is refused
+    seed: int = 0
+    channels_last: bool = True
+    compile: bool = False  # torch.compile the model
+    deterministic: bool = False  # deterministic algorithms (slower; used by resume tests)
+    label_smoothing: float = 0.0
+    mixup: float = 0.0  # mixup alpha (0 = off)
+    cutmix: float = 0.0  # cutmix alpha (0 = off)
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    ema: bool = False
+    ema_decay: float = 0.9999
+    eval_every: int = 1  # validate every N epochs (the last epoch always validates)
+    save_every: int = 0  # keep a copy of the checkpoint every N epochs (0 = only last/best)
+    save_minutes: float = 30.0  # also refresh last.pth every N minutes inside an epoch (0 = off)
+    steps_per_epoch: int | None = None  # cap on training steps per epoch (quick runs, tests)
+    val_steps: int | None = None  # cap on validation batches (quick runs; counts then cover fewer images)
+    auto_resume: bool = True  # resume from output_dir/last.pth when it exists
+
+
+@dataclass
+class DistConfig:
+    backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: nccl on CUDA, gloo on CPU
+    sync_bn: bool = False  # synchronise BN statistics (AN and SN kept whole)
+    dist_bn: Literal["reduce", "broadcast", "none"] = "reduce"  # running stats across ranks before eval/save
+    signal_check_every: int = 10  # steps between checks of the preemption flag across ranks
+    timeout_minutes: float = 30.0
+
+
+@dataclass
+class LogConfig:
+    interval: int = 50  # steps between log lines
+    progress: Literal["auto", "bar", "lines"] = "auto"  # bar on a terminal, plain lines otherwise
+    tensorboard: bool = True
+    an_histograms: bool = True  # TensorBoard histograms of AN attention weights each epoch
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sched: SchedConfig = field(default_factory=SchedConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def dump(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Value checks beyond the type: (section, key) -> (predicate, description of valid values).
+# ----------------------------------------------------------------------------------------------------
+
+_POSITIVE = (lambda v: v > 0, "a number > 0")
+_NON_NEGATIVE = (lambda v: v >= 0, "a number >= 0")
+_PROBABILITY = (lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]")
+
+
+def _optional(check):
+    pred, text = check
+    return (lambda v: v is None or pred(v), f"null or {text}")
+
+
+def _pair(lo: float, hi: float | None = None):
+    def pred(v):
+        return len(v) == 2 and v[0] <= v[1] and v[0] > lo and (hi is None or v[1] <= hi)
+
+    return pred
+
+
+_CHECKS: dict[tuple[str, str], tuple[Any, str]] = {
+    ("model", "num_classes"): (lambda v: v >= 1, "an integer >= 1"),
+    ("model", "norm_k"): (lambda v: v is None or (len(v) > 0 and all(k >= 1 for k in v)), "null or a list of K >= 1"),
+    ("model", "gn_groups"): (lambda v: v >= 1, "an integer >= 1"),
+    ("model", "drop_rate"): _optional((lambda v: 0.0 <= v < 1.0, "a number in [0, 1)")),
+    ("data", "batch_size"): (lambda v: v >= 1, "an integer >= 1"),
+    ("data", "eval_batch_size"): _optional((lambda v: v >= 1, "an integer >= 1")),
+    ("data", "workers"): (lambda v: v >= 0, "an integer >= 0"),
+    ("data", "img_size"): (lambda v: v >= 8, "an integer >= 8"),
+    ("data", "crop_pct"): (lambda v: 0.0 < v <= 1.0, "a number in (0, 1]"),
+    ("data", "scale"): (_pair(0.0, 1.0), "[min, max] with 0 < min <= max <= 1"),
+    ("data", "ratio"): (_pair(0.0), "[min, max] with 0 < min <= max"),
+    ("data", "hflip"): _PROBABILITY,
+    ("data", "mean"): (lambda v: len(v) == 3, "a list of 3 numbers"),
+    ("data", "std"): (lambda v: len(v) == 3 and all(s > 0 for s in v), "a list of 3 numbers > 0"),
+    ("data", "synthetic_train_size"): (lambda v: v >= 1, "an integer >= 1"),
+    ("data", "synthetic_val_size"): (lambda v: v >= 1, "an integer >= 1"),
+    ("data", "dali_hw_decoder_load"): _PROBABILITY,
+    ("data", "dali_prefetch"): (lambda v: v >= 1, "an integer >= 1"),
+    ("optim", "lr"): _POSITIVE,
+    ("optim", "base_batch_size"): (lambda v: v >= 1, "an integer >= 1"),
+    ("optim", "momentum"): (lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
+    ("optim", "weight_decay"): _NON_NEGATIVE,
+    ("optim", "betas"): (lambda v: len(v) == 2 and all(0.0 <= b < 1.0 for b in v), "two numbers in [0, 1)"),
+    ("optim", "clip_grad"): _optional(_POSITIVE),
+    ("optim", "accum_steps"): (lambda v: v >= 1, "an integer >= 1"),
+    ("sched", "epochs"): (lambda v: v >= 1, "an integer >= 1"),
+    ("sched", "warmup_epochs"): _NON_NEGATIVE,
+    ("sched", "warmup_start_factor"): _PROBABILITY,
+    ("sched", "min_lr"): _NON_NEGATIVE,
+    ("train", "label_smoothing"): (lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
+    ("train", "mixup"): _NON_NEGATIVE,
+    ("train", "cutmix"): _NON_NEGATIVE,
+    ("train", "mixup_prob"): _PROBABILITY,
+    ("train", "mixup_switch_prob"): _PROBABILITY,
+    ("train", "ema_decay"): (lambda v: 0.0 < v < 1.0, "a number in (0, 1)"),
+    ("train", "eval_every"): (lambda v: v >= 1, "an integer >= 1"),
+    ("train", "save_every"): (lambda v: v >= 0, "an integer >= 0"),
+    ("train", "save_minutes"): _NON_NEGATIVE,
+    ("train", "steps_per_epoch"): _optional((lambda v: v >= 1, "an integer >= 1")),
+    ("train", "val_steps"): _optional((lambda v: v >= 1, "an integer >= 1")),
+    ("train", "output_dir"): (lambda v: bool(v.strip()), "a non-empty path"),
+    ("dist", "signal_check_every"): (lambda v: v >= 1, "an integer >= 1"),
+    ("dist", "timeout_minutes"): _POSITIVE,
+    ("log", "interval"): (lambda v: v >= 1, "an integer >= 1"),
+}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loading.
+# ----------------------------------------------------------------------------------------------------
+
+
+def _did_you_mean(word: str, choices: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f" Did you mean '{close[0]}'?" if close else ""
+
+
+def _where(source: str | None) -> str:
+    return f" in {source}" if source else ""
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return " or ".join(_type_name(a) for a in args) + " or null"
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        return f"a list of {_type_name(inner)}"
+    if origin is dict:
+        return "a mapping"
+    return {int: "an integer", float: "a number", bool: "true/false", str: "a string"}.get(tp, str(tp))
+
+
+class _Mismatch(Exception):
+    pass
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    """Returns ``value`` converted to type ``tp``, or raises _Mismatch. Only lossless conversions."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise _Mismatch
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg)
+            except _Mismatch:
+                continue
+        raise _Mismatch
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if isinstance(value, (list, tuple)):
+            return [_coerce(v, inner) for v in value]
+        raise _Mismatch
+    if origin is dict:
+        if isinstance(value, dict):
+            return dict(value)
+        raise _Mismatch
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise _Mismatch
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise _Mismatch
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise _Mismatch from None
+        raise _Mismatch
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise _Mismatch
+    raise TypeError(f"unsupported config field type {tp!r}")
+
+
+def _section_fields(section_cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(section_cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(section_cls)}
+
+
+SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config)}  # type: ignore[misc]
+
+
+def _set(cfg: Config, section: str, key: str, value: Any, source: str | None) -> None:
+    """Sets ``section.key`` on ``cfg`` after checking the name, the type and the value."""
+    if section not in SECTIONS:
+        raise ConfigError(
+            f"Unknown config section '{section}'{_where(source)}.{_did_you_mean(section, SECTIONS)} "
+            f"Valid sections: {', '.join(SECTIONS)}."
+        )
+    fields = _section_fields(SECTIONS[section])
+    if key not in fields:
+        raise ConfigError(
+            f"Unknown config key '{section}.{key}'{_where(source)}.{_did_you_mean(key, fields)} "
+            f"Valid keys of '{section}': {', '.join(fields)}."
+        )
+    tp = fields[key]
+    try:
+        coerced = _coerce(value, tp)
+    except _Mismatch:
+        raise ConfigError(
+            f"Bad value for '{section}.{key}'{_where(source)}: got {value!r} ({type(value).__name__}), "
+            f"expected {_type_name(tp)}.{_literal_hint(value, tp)}"
+        ) from None
+    check = _CHECKS.get((section, key))
+    if check is not None:
+        pred, text = check
+        try:
+            ok = pred(coerced)
+        except (TypeError, IndexError):
+            ok = False
+        if not ok:
+            raise ConfigError(f"Bad value for '{section}.{key}'{_where(source)}: got {value!r}, expected {text}.")
+    setattr(getattr(cfg, section), key, coerced)
+
+
+def _literal_hint(value: Any, tp: Any) -> str:
+    for arg in (tp, *typing.get_args(tp)):
+        if typing.get_origin(arg) is Literal:
+            return _did_you_mean(value, typing.get_args(arg))
+    return ""
+
+
+def config_from_dict(data: dict[str, Any] | None, source: str | None = None) -> Config:
+    """Builds a validated Config from a nested mapping (a parsed YAML file or a checkpoint's copy)."""
+    cfg = Config()
+    if data is None:
+        return cfg
+    if not isinstance(data, dict):
+        raise ConfigError(f"The config{_where(source)} must be a mapping of sections, got {type(data).__name__}.")
+    for section, values in data.items():
+        if section not in SECTIONS:
+            raise ConfigError(
+                f"Unknown config section '{section}'{_where(source)}.{_did_you_mean(section, SECTIONS)} "
+                f"Valid sections: {', '.join(SECTIONS)}."
+            )
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise ConfigError(
+                f"Config section '{section}'{_where(source)} must be a mapping of keys, got {values!r}."
+            )
+        for key, value in values.items():
+            _set(cfg, section, str(key), value, source)
+    return cfg
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """Parses ``section.key=value``; the value is read as YAML (numbers, true/false, null, lists)."""
+    if "=" not in text:
+        raise ConfigError(f"Bad override '{text}': expected section.key=value, e.g. optim.lr=0.2.")
+    path, raw = text.split("=", 1)
+    parts = path.strip().split(".")
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(f"Bad override '{text}': the key must be section.key, e.g. data.root=/data/imagenet.")
+    raw = raw.strip()
+    if raw in ("None", "none"):
+        return parts[0], parts[1], None
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"Bad override '{text}': the value is not valid YAML ({e}).") from None
+    return parts[0], parts[1], value
+
+
+def apply_overrides(cfg: Config, overrides: typing.Sequence[str]) -> Config:
+    """Applies dotted ``section.key=value`` overrides in order (later ones win)."""
+    for text in overrides:
+        section, key, value = parse_override(text)
+        _set(cfg, section, key, value, f"command-line override '{text}'")
+    return cfg
+
+
+def resolve_config_path(name: str | Path) -> Path:
+    """Finds a config: an existing path as given, else ``configs/<name>`` (with or without .yaml)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    for candidate in (CONFIG_DIR / path.name, CONFIG_DIR / f"{path.name}.yaml", CONFIG_DIR / path):
+        if candidate.is_file():
+            return candidate
+    available = sorted(p.name for p in CONFIG_DIR.glob("*.yaml"))
+    raise ConfigError(
+        f"Config file '{name}' not found: it is neither an existing path nor a file in {CONFIG_DIR}."
+        f"{_did_you_mean(path.name, available)} Available configs: {', '.join(available) or '(none)'}."
+    )
+
+
+def load_config(name: str | Path, overrides: typing.Sequence[str] = ()) -> Config:
+    """Loads a YAML experiment file (see :func:`resolve_config_path`) and applies overrides."""
+    path = resolve_config_path(name)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"Config file {path} is not valid YAML: {e}") from None
+    cfg = config_from_dict(data, source=str(path))
+    return apply_overrides(cfg, overrides)
+
+
+def validate_names(cfg: Config, source: str | None = None) -> None:
+    """Checks model.name and model.norm against the registries (imported lazily: config stays light)."""
+    import an
+    import models
+
+    names = models.list_models()
+    if cfg.model.name not in names:
+        raise ConfigError(
+            f"Unknown model '{cfg.model.name}' for 'model.name'{_where(source)}."
+            f"{_did_you_mean(cfg.model.name, names)} Valid models: {', '.join(names)}."
+        )
+    norms = models.list_norm_types()
+    if cfg.model.norm not in norms:
+        raise ConfigError(
+            f"Unknown norm '{cfg.model.norm}' for 'model.norm'{_where(source)}."
+            f"{_did_you_mean(cfg.model.norm, norms)} Valid norms: {', '.join(norms)}."
+        )
+    del an  # imported for its registry side effects only
