@@ -108,7 +108,7 @@ class SchedConfig:
 
 @dataclass
 class TrainConfig:
-    output_dir: str = "runs/default"
+    output_dir: str = ""  # run folder; empty = runs/<config file name without .yaml>
     amp: AmpMode = "bf16"  # autocast dtype on CUDA; on CPU bf16 autocast is used when set, fp16 is refused
     seed: int = 0
     channels_last: bool = True
@@ -225,7 +225,6 @@ _CHECKS: dict[tuple[str, str], tuple[Any, str]] = {
     ("train", "save_minutes"): _NON_NEGATIVE,
     ("train", "steps_per_epoch"): _optional((lambda v: v >= 1, "an integer >= 1")),
     ("train", "val_steps"): _optional((lambda v: v >= 1, "an integer >= 1")),
-    ("train", "output_dir"): (lambda v: bool(v.strip()), "a non-empty path"),
     ("dist", "signal_check_every"): (lambda v: v >= 1, "an integer >= 1"),
     ("dist", "timeout_minutes"): _POSITIVE,
     ("log", "interval"): (lambda v: v >= 1, "an integer >= 1"),
@@ -385,9 +384,7 @@ def config_from_dict(data: dict[str, Any] | None, source: str | None = None) -> 
         if values is None:
             continue
         if not isinstance(values, dict):
-            raise ConfigError(
-                f"Config section '{section}'{_where(source)} must be a mapping of keys, got {values!r}."
-            )
+            raise ConfigError(f"Config section '{section}'{_where(source)} must be a mapping of keys, got {values!r}.")
         for key, value in values.items():
             _set(cfg, section, str(key), value, source)
     return cfg
@@ -442,7 +439,10 @@ def load_config(name: str | Path, overrides: typing.Sequence[str] = ()) -> Confi
     except yaml.YAMLError as e:
         raise ConfigError(f"Config file {path} is not valid YAML: {e}") from None
     cfg = config_from_dict(data, source=str(path))
-    return apply_overrides(cfg, overrides)
+    apply_overrides(cfg, overrides)
+    if not cfg.train.output_dir.strip():
+        cfg.train.output_dir = str(Path("runs") / path.stem)
+    return cfg
 
 
 def validate_names(cfg: Config, source: str | None = None) -> None:

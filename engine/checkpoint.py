@@ -1,0 +1,230 @@
+"""Checkpoints: atomic writes, safe loading, RNG capture, and errors a user can act on.
+
+A checkpoint is a plain dict of tensors and Python primitives, so it loads with
+``torch.load(weights_only=True)`` (no pickled code is ever executed)::
+
+    model, ema, optimizer, scaler        state dicts (ema/scaler may be None)
+    epoch, step_in_epoch, global_step    where training stands: resume continues from here
+    best_top1, best_epoch, meters        bookkeeping, so a resumed run logs what an unbroken one would
+    rng                                  Python, NumPy, torch CPU and CUDA generator states
+    config                               the resolved config (a nested dict), enough to rebuild the model
+    git_rev, versions                    provenance
+
+Writes go to a temporary file in the same folder, are flushed to disk, then renamed over the target
+(``os.replace`` is atomic on POSIX), so a crash or a kill mid-write leaves the previous file intact.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import platform
+import random
+import shutil
+import subprocess
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names the file and the fix."""
+
+
+def git_revision() -> str:
+    """The code's git revision, with "-dirty" when the tree has uncommitted changes ("unknown" outside git)."""
+    try:
+        rev = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        return rev + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def versions() -> dict[str, str]:
+    info = {"python": platform.python_version(), "torch": torch.__version__}
+    if torch.version.cuda:
+        info["cuda"] = torch.version.cuda
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    try:
+        import torchvision
+
+        info["torchvision"] = torchvision.__version__
+    except ImportError:
+        pass
+    return info
+
+
+# ----------------------------------------------------------------------------------------------------
+# RNG state, stored as tensors and primitives so that weights_only loading accepts it.
+# ----------------------------------------------------------------------------------------------------
+
+
+def capture_rng() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": _tuples_to_lists(random.getstate()),
+        "numpy": {
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    random.setstate(_lists_to_tuples(state["python"]))
+    npst = state["numpy"]
+    np.random.set_state(
+        ("MT19937", npst["keys"].numpy().astype(np.uint32), npst["pos"], npst["has_gauss"], npst["cached_gaussian"])
+    )
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _tuples_to_lists(obj):
+    if isinstance(obj, tuple):
+        return [_tuples_to_lists(o) for o in obj]
+    return obj
+
+
+def _lists_to_tuples(obj):
+    if isinstance(obj, list):
+        return tuple(_lists_to_tuples(o) for o in obj)
+    return obj
+
+
+# ----------------------------------------------------------------------------------------------------
+# Saving and loading.
+# ----------------------------------------------------------------------------------------------------
+
+
+def save_atomic(obj: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Writes ``obj`` with torch.save to ``path`` through a temporary file and an atomic rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def copy_atomic(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """Copies a finished checkpoint (e.g. last.pth to best.pth) with the same atomic guarantee."""
+    dst = Path(dst)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
+    os.close(fd)
+    try:
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(dst.parent)
+    return dst
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Loads a checkpoint safely (``weights_only=True``), with a clear error for every failure mode."""
+    path = Path(path)
+    if not path.exists():
+        siblings = sorted(p.name for p in path.parent.glob("*.pth")) if path.parent.is_dir() else []
+        hint = f" Checkpoints in {path.parent}: {', '.join(siblings)}." if siblings else ""
+        raise CheckpointError(f"Checkpoint {path} does not exist.{hint} Check the path (e.g. RUN_DIR/best.pth).")
+    if path.is_dir():
+        raise CheckpointError(f"Checkpoint path {path} is a folder; pass a file such as {path / 'best.pth'}.")
+    if path.stat().st_size == 0:
+        raise CheckpointError(
+            f"Checkpoint {path} is empty (0 bytes), probably from an interrupted copy. Use another checkpoint "
+            f"(last.pth or best.pth in the same run folder) or re-copy the file."
+        )
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            raise CheckpointError(
+                f"Checkpoint {path} contains pickled Python objects that are not plain tensors or containers, "
+                f"so it is refused for safety (torch.load weights_only=True): {msg}. Only load checkpoints "
+                f"written by this framework, or convert the file to a plain state dict."
+            ) from None
+        raise CheckpointError(
+            f"Checkpoint {path} is truncated or corrupt and cannot be read ({type(e).__name__}: {msg}). It was "
+            f"probably cut off by a full disk or an interrupted copy. Use the previous checkpoint in the same "
+            f"folder (last.pth / best.pth / epoch_*.pth) or re-copy the file."
+        ) from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise CheckpointError(
+            f"Checkpoint {path} is not a checkpoint of this framework (expected a dict with a 'model' entry, "
+            f"got {type(ckpt).__name__} with keys {list(ckpt)[:8] if isinstance(ckpt, dict) else '-'})."
+        )
+    return ckpt
+
+
+def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str | os.PathLike) -> None:
+    """``load_state_dict(strict=True)`` with an error that says which model the weights belong to."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    if missing or unexpected or mismatched:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
+        if mismatched:
+            parts.append(f"{len(mismatched)} with other shapes (e.g. {'; '.join(mismatched[:3])})")
+        raise CheckpointError(
+            f"The weights in {source} do not fit this model: {', '.join(parts)}. The checkpoint was written for a "
+            f"different model, norm or number of classes; rebuild the model from the checkpoint's own config "
+            f"(eval.py does this) or pick the checkpoint of this experiment."
+        )
+    model.load_state_dict(state, strict=True)

@@ -1,0 +1,198 @@
+"""Process-group setup from the environment, collective helpers, and preemption signals.
+
+Launchers supported (rank, world size and local rank are read from the environment):
+
+* ``torchrun`` (single or multi node): ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR/PORT``.
+* ``srun`` one task per GPU: ``SLURM_PROCID``, ``SLURM_NTASKS``, ``SLURM_LOCALID``; ``MASTER_ADDR`` and
+  ``MASTER_PORT`` must be exported by the batch script (``scripts/slurm/train.sbatch`` does).
+* Plain ``python train.py``: one process, no process group.
+
+The backend follows the device: NCCL on CUDA, gloo on the CPU, so every helper here also runs in the
+CPU tests. Nothing in this module hard-codes ``cuda``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import signal
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+# Exit status of a run stopped by SIGTERM/SIGUSR1 after writing its checkpoint: EX_TEMPFAIL from
+# sysexits.h ("temporary failure; the user is invited to retry"). The SLURM script requeues on it.
+EXIT_PREEMPTED = 75
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits in the job."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def _env_int(*names: str) -> int | None:
+    for name in names:
+        value = os.environ.get(name)
+        if value not in (None, ""):
+            return int(value)
+    return None
+
+
+def world_info_from_env() -> tuple[int, int, int]:
+    """Returns (rank, world_size, local_rank) from torchrun or SLURM variables, else (0, 1, 0)."""
+    rank = _env_int("RANK")
+    if rank is not None:
+        return rank, _env_int("WORLD_SIZE") or 1, _env_int("LOCAL_RANK") or 0
+    # SLURM's srun-native mode, one task per GPU. Ignored for a single-task allocation in which the
+    # user runs `python train.py` by hand (SLURM_NTASKS == 1).
+    ntasks = _env_int("SLURM_NTASKS")
+    if ntasks is not None and ntasks > 1 and "MASTER_ADDR" in os.environ:
+        return _env_int("SLURM_PROCID") or 0, ntasks, _env_int("SLURM_LOCALID") or 0
+    return 0, 1, 0
+
+
+def init_distributed(backend: str = "auto", timeout_minutes: float = 30.0, device: str | None = None) -> DistInfo:
+    """Initialises the default process group when launched with several processes.
+
+    Args:
+        backend: "auto" (NCCL on CUDA, gloo otherwise), "nccl" or "gloo".
+        timeout_minutes: collective timeout.
+        device: force "cpu" or "cuda"; default CUDA when available.
+    """
+    rank, world_size, local_rank = world_info_from_env()
+    use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
+    if use_cuda:
+        if not torch.cuda.is_available():
+            raise RuntimeError("CUDA was requested but no CUDA device is visible to this process.")
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        dev = torch.device("cuda", torch.cuda.current_device())
+    else:
+        dev = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        if backend == "auto":
+            backend = "nccl" if use_cuda else "gloo"
+        os.environ.setdefault("RANK", str(rank))
+        os.environ.setdefault("WORLD_SIZE", str(world_size))
+        os.environ.setdefault("LOCAL_RANK", str(local_rank))
+        dist.init_process_group(
+            backend=backend,
+            init_method="env://",
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+        )
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
+
+
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def cleanup() -> None:
+    if is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sums a tensor over ranks in place (no-op in a single process) and returns it."""
+    if is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
+    if is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
+
+
+def broadcast_object(obj, src: int = 0):
+    """Sends a picklable object from ``src`` to every rank."""
+    if not is_initialized():
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=src)
+    return holder[0]
+
+
+@torch.no_grad()
+def distribute_norm_stats(model: torch.nn.Module, mode: str = "reduce") -> None:
+    """Makes running statistics identical on every rank (before evaluation and checkpointing).
+
+    With ``broadcast_buffers=False`` each rank's BatchNorm statistics drift apart (they see different
+    data). "reduce" averages every floating ``running_*`` buffer (plain BN, AN's standardizer and its
+    attention BN, SN) over ranks; "broadcast" copies rank 0's; "none" leaves them alone.
+    """
+    if mode == "none" or not is_initialized():
+        return
+    world = dist.get_world_size()
+    for name, buf in model.named_buffers():
+        if not name.rsplit(".", 1)[-1].startswith("running_") or not buf.is_floating_point():
+            continue
+        if mode == "reduce":
+            dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+            buf.div_(world)
+        elif mode == "broadcast":
+            dist.broadcast(buf, src=0)
+        else:
+            raise ValueError(f"unknown dist_bn mode '{mode}' (valid: reduce, broadcast, none)")
+
+
+class PreemptionHandler:
+    """Catches SIGTERM and SIGUSR1 and lets all ranks agree to stop at the same step.
+
+    The handler only sets a local flag. :meth:`should_stop` is called by the loop every
+    ``check_every`` steps; it all-reduces the flag (MAX), so if any rank was signalled, every rank
+    returns True at the same step boundary, writes its part of the checkpoint and exits with
+    :data:`EXIT_PREEMPTED`.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self, device: torch.device, check_every: int = 10):
+        self.device = device
+        self.check_every = check_every
+        self.received: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> PreemptionHandler:
+        for sig in self.SIGNALS:
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. inside some test runners)
+                pass
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous.clear()
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+
+    def should_stop(self, step: int, force_sync: bool = False) -> bool:
+        """True on every rank once any rank has been signalled (checked every ``check_every`` steps)."""
+        if not force_sync and step % self.check_every != 0:
+            return False
+        flag = torch.tensor([1.0 if self.received is not None else 0.0], device=self.device)
+        return bool(all_reduce_max(flag).item() > 0)

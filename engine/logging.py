@@ -1,0 +1,155 @@
+"""Rank-0 logging: console (progress bar on a terminal, plain lines in SLURM logs), log.jsonl, TensorBoard.
+
+Every rank gets a logger, but only rank 0 prints at INFO; other ranks print warnings and errors only,
+prefixed with their rank, so a failure on any rank is still visible in the job log.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+LOGGER_NAME = "an"
+
+
+def setup_logging(rank: int = 0, output_dir: str | Path | None = None) -> logging.Logger:
+    """Configures the framework's logger: INFO on rank 0 (also to output_dir/train.log), WARNING elsewhere."""
+    logger = logging.getLogger(LOGGER_NAME)
+    logger.handlers.clear()
+    logger.propagate = False
+    logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    prefix = "" if rank == 0 else f"[rank {rank}] "
+    fmt = logging.Formatter(f"%(asctime)s {prefix}%(message)s", datefmt="%H:%M:%S")
+    console = logging.StreamHandler(sys.stdout)
+    console.setFormatter(fmt)
+    logger.addHandler(console)
+    if rank == 0 and output_dir is not None:
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(Path(output_dir) / "train.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S"))
+        logger.addHandler(handler)
+    # Library modules (data/, an/) log under their own names; route them through the same handlers.
+    for name in ("data", "an", "models"):
+        lib = logging.getLogger(name)
+        lib.handlers = list(logger.handlers)
+        lib.setLevel(logger.level)
+        lib.propagate = False
+    return logger
+
+
+def get_logger() -> logging.Logger:
+    return logging.getLogger(LOGGER_NAME)
+
+
+class Progress:
+    """Per-epoch progress: a tqdm bar on an interactive terminal, otherwise a plain line every N steps."""
+
+    def __init__(
+        self, total: int, desc: str, mode: str = "auto", interval: int = 50, enabled: bool = True, first_step: int = 0
+    ):
+        self.total = total
+        self.first_step = first_step
+        self.desc = desc
+        self.interval = interval
+        self.enabled = enabled
+        use_bar = mode == "bar" or (mode == "auto" and sys.stdout.isatty())
+        self.bar = None
+        if enabled and use_bar:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=first_step, desc=desc, dynamic_ncols=True, leave=False)
+        self.start = time.perf_counter()
+
+    def update(self, step: int, metrics: dict[str, float] | None = None) -> None:
+        """Called after each step with the count of steps done in this epoch; ``metrics`` at log steps."""
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+            if metrics:
+                self.bar.set_postfix({k: _fmt(v) for k, v in metrics.items()}, refresh=False)
+            return
+        if metrics:
+            elapsed = time.perf_counter() - self.start
+            done = max(step - self.first_step, 1)
+            eta = elapsed / done * (self.total - step)
+            text = "  ".join(f"{k} {_fmt(v)}" for k, v in metrics.items())
+            get_logger().info(f"{self.desc} [{step}/{self.total}]  {text}  eta {_fmt_time(eta)}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e5):
+            return f"{v:.3e}"
+        return f"{v:.4f}"
+    return str(v)
+
+
+def _fmt_time(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+class JsonlWriter:
+    """Appends one JSON object per line; each line is flushed, so a killed run keeps what it logged."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def write(self, record: dict[str, Any]) -> None:
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        with self.path.open("a") as f:
+            f.write(json.dumps(clean) + "\n")
+
+    def truncate_after_epoch(self, epoch: int) -> None:
+        """On resume, drops lines of epochs >= ``epoch`` (written after the checkpoint we resume from)."""
+        if not self.path.exists():
+            return
+        kept = [
+            line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line)["epoch"] < epoch
+        ]
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+
+class TensorBoard:
+    """A thin, optional wrapper of SummaryWriter (absent package or disabled -> every call is a no-op)."""
+
+    def __init__(self, log_dir: str | Path | None, enabled: bool = True):
+        self.writer = None
+        if enabled and log_dir is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                get_logger().warning(
+                    "tensorboard is not installed; TensorBoard logging is off (pip install tensorboard)."
+                )
+                return
+            self.writer = SummaryWriter(log_dir=str(log_dir))
+
+    def scalars(self, values: dict[str, float], step: int, prefix: str = "") -> None:
+        if self.writer is None:
+            return
+        for k, v in values.items():
+            if isinstance(v, (int, float)) and math.isfinite(v):
+                self.writer.add_scalar(f"{prefix}{k}", v, step)
+
+    def histogram(self, tag: str, values, step: int) -> None:
+        if self.writer is not None:
+            self.writer.add_histogram(tag, values, step)
+
+    def flush(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

@@ -1,0 +1,140 @@
+"""Evaluate a checkpoint: top-1/top-5 over every validation image, as one JSON line.
+
+The model is rebuilt from the config stored inside the checkpoint, so no config file is needed::
+
+    python eval.py --checkpoint runs/resnet50_an/best.pth
+    python eval.py --checkpoint runs/resnet50_an/best.pth --data-root /data/imagenet --backend dali --ema
+    torchrun --standalone --nproc_per_node 8 eval.py --checkpoint runs/resnet50_an/best.pth
+
+The line printed (rank 0) holds ``top1``, ``top5``, ``count``, ``loss``, ``model``, ``norm``,
+``checkpoint`` and more; it is also written next to the checkpoint as ``<name>.eval.json``
+(``<name>.ema.eval.json`` with ``--ema``). With the same data and settings it reproduces the number
+the trainer logged for that epoch. Extra ``section.key=value`` overrides (e.g. ``data.crop_pct=0.95``)
+change evaluation settings; ``--config FILE`` rebuilds the model from a config file instead, and
+then the checkpoint must hold weights of that model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import data
+from engine import checkpoint as ck
+from engine import distributed as du
+from engine.config import ConfigError, apply_overrides, config_from_dict, load_config, validate_names
+from engine.loop import amp_dtype, evaluate
+from train import build_model, expand_path
+
+EXIT_USAGE_ERROR = 2
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="a checkpoint written by train.py (last.pth, best.pth)")
+    parser.add_argument("--data-root", default=None, help="dataset root (default: the one stored in the checkpoint)")
+    parser.add_argument("--backend", default=None, choices=["dali", "dali_cpu", "torch", "synthetic"])
+    parser.add_argument("--batch-size", type=int, default=None, help="per-process evaluation batch")
+    parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("--ema", action="store_true", help="evaluate the EMA weights")
+    parser.add_argument("--config", default=None, help="build the model from this config instead of the stored one")
+    parser.add_argument("--device", default=None, choices=["cpu", "cuda"])
+    parser.add_argument("--output", default=None, help="JSON file to write (default: next to the checkpoint)")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides of evaluation settings")
+    return parser.parse_args(argv)
+
+
+def resolve_config(args, ckpt: dict):
+    path = Path(args.checkpoint)
+    if args.config:
+        cfg = load_config(args.config, args.overrides)
+    else:
+        if "config" not in ckpt:
+            raise ConfigError(f"{path} holds no config; pass --config with the experiment's YAML file.")
+        cfg = config_from_dict(ckpt["config"], source=f"the config stored in {path}")
+        apply_overrides(cfg, args.overrides)
+    if args.data_root is not None:
+        cfg.data.root = args.data_root
+    if args.backend is not None:
+        cfg.data.backend = args.backend
+    if args.batch_size is not None:
+        cfg.data.eval_batch_size = args.batch_size
+    if args.workers is not None:
+        cfg.data.workers = args.workers
+    cfg.data.root = expand_path(cfg.data.root)
+    validate_names(cfg, args.config or str(path))
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    ckpt_path = Path(args.checkpoint)
+    ckpt = ck.load_checkpoint(ckpt_path, map_location="cpu")
+    cfg = resolve_config(args, ckpt)
+    dist_info = du.init_distributed(cfg.dist.backend, cfg.dist.timeout_minutes, device=args.device)
+    try:
+        if args.ema:
+            if ckpt.get("ema") is None:
+                raise ck.CheckpointError(f"{ckpt_path} has no EMA weights (the run had train.ema=false); drop --ema.")
+            state = {k.removeprefix("module."): v for k, v in ckpt["ema"].items() if k.startswith("module.")}
+        else:
+            state = ckpt["model"]
+        model = build_model(cfg)
+        ck.load_model_state(model, state, ckpt_path)
+        import torch
+
+        memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+        model = model.to(device=dist_info.device, memory_format=memory_format)
+        loaders = data.build_loaders(
+            cfg,
+            rank=dist_info.rank,
+            world_size=dist_info.world_size,
+            local_rank=dist_info.local_rank,
+            device=dist_info.device,
+            memory_format=memory_format,
+            build_train=False,
+        )
+        try:
+            result = evaluate(model, loaders.val, dist_info.device, amp_dtype(cfg.train.amp))
+        finally:
+            loaders.close()
+        record = {
+            "top1": result["top1"],
+            "top5": result["top5"],
+            "count": result["count"],
+            "loss": result["loss"],
+            "model": cfg.model.name,
+            "norm": cfg.model.norm,
+            "checkpoint": str(ckpt_path),
+            "ema": args.ema,
+            "epoch": ckpt.get("epoch"),
+            "params": sum(p.numel() for p in model.parameters()),
+            "data_root": cfg.data.root,
+            "backend": cfg.data.backend,
+            "img_size": cfg.data.img_size,
+            "crop_pct": cfg.data.crop_pct,
+            "world_size": dist_info.world_size,
+            "git_rev": ckpt.get("git_rev"),
+        }
+        if dist_info.is_main:
+            line = json.dumps(record)
+            print(line, flush=True)
+            out = (
+                Path(args.output)
+                if args.output
+                else ckpt_path.with_suffix(".ema.eval.json" if args.ema else ".eval.json")
+            )
+            out.write_text(line + "\n")
+        return 0
+    finally:
+        du.cleanup()
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (ConfigError, ck.CheckpointError, data.DatasetError) as e:
+        print(f"Error: {e}", file=sys.stderr)
+        sys.exit(EXIT_USAGE_ERROR)
