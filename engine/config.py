@@ -136,6 +136,7 @@ class DistConfig:
     dist_bn: Literal["reduce", "broadcast", "none"] = "reduce"  # running stats across ranks before eval/save
     signal_check_every: int = 10  # steps between checks of the preemption flag across ranks
     timeout_minutes: float = 30.0
+    recipe_gpus: int | None = None  # processes the recipe was written for; another count logs the changed batch/LR
 
 
 @dataclass
@@ -227,6 +228,7 @@ _CHECKS: dict[tuple[str, str], tuple[Any, str]] = {
     ("train", "val_steps"): _optional((lambda v: v >= 1, "an integer >= 1")),
     ("dist", "signal_check_every"): (lambda v: v >= 1, "an integer >= 1"),
     ("dist", "timeout_minutes"): _POSITIVE,
+    ("dist", "recipe_gpus"): _optional((lambda v: v >= 1, "an integer >= 1")),
     ("log", "interval"): (lambda v: v >= 1, "an integer >= 1"),
 }
 
