@@ -116,6 +116,12 @@ def main(argv: list[str] | None = None) -> int:
             "img_size": cfg.data.img_size,
             "crop_pct": cfg.data.crop_pct,
             "world_size": dist_info.world_size,
+            "recipe": {
+                "epochs": cfg.sched.epochs,
+                "label_smoothing": cfg.train.label_smoothing,
+                "mixup": cfg.train.mixup,
+                "deep_stem": cfg.model.deep_stem,
+            },
             "git_rev": ckpt.get("git_rev"),
         }
         if dist_info.is_main:

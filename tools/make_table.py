@@ -1,0 +1,232 @@
+"""Gather eval.py results into the AN paper's ImageNet tables, our errors beside the paper's.
+
+    python tools/make_table.py runs/*                       # markdown on stdout
+    python tools/make_table.py runs/* --csv results.csv --markdown results.md
+    python tools/make_table.py runs/r50_an/best.eval.json   # single result files work too
+
+Each argument is a run folder (its ``best.eval.json`` is used, or ``last.eval.json`` with
+``--which last``; the paper reports best-epoch numbers) or an eval JSON file. A result is matched to
+a paper row by backbone, norm and setup (normal, or the 200-epoch "advanced" setup with label
+smoothing and mixup, read from the result's recipe). Several results for one row (seeds) are
+averaged and their count shown. Rows of the paper without a result are listed with "-".
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import statistics
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+# (table, backbone label, model name, norm, paper params (M), paper GFLOPs, top-1 err, top-5 err, quoted?)
+# AN_SPEC 4.1 (normal: 120 epochs, MobileNetV2 150) and 4.2 (advanced: 200 epochs + label smoothing + mixup).
+PAPER_ROWS = [
+    ("normal", "ResNet-50", "resnet50", "bn", 25.56, 4.09, 23.01, 6.68, False),
+    ("normal", "ResNet-50", "resnet50", "gn", 25.56, 4.09, 23.52, 6.85, True),
+    ("normal", "ResNet-50", "resnet50", "sn", 25.56, None, 22.43, 6.35, True),
+    ("normal", "ResNet-50", "resnet50", "se", 28.09, None, 22.37, 6.36, True),
+    ("normal", "ResNet-50", "resnet50", "an", 25.76, 4.09, 21.59, 5.88, False),
+    ("normal", "ResNet-101", "resnet101", "bn", 44.57, 8.12, 21.33, 5.85, False),
+    ("normal", "ResNet-101", "resnet101", "an", 45.00, 8.12, 20.61, 5.41, False),
+    ("normal", "MobileNetV2", "mobilenetv2", "bn", 3.50, 0.34, 28.69, 9.33, False),
+    ("normal", "MobileNetV2", "mobilenetv2", "an", 3.56, 0.34, 26.67, 8.56, False),
+    ("normal", "DenseNet-121", "densenet121", "bn", 7.98, None, None, None, False),
+    ("normal", "DenseNet-121", "densenet121", "an", 8.34, None, 22.6, 6.4, False),
+    ("normal", "AOGNet-12M", "aognet12m", "bn", 12.26, 2.19, 22.22, 6.06, False),
+    ("normal", "AOGNet-12M", "aognet12m", "an", 12.37, 2.19, 21.28, 5.76, False),
+    ("normal", "AOGNet-40M", "aognet40m", "bn", 40.15, 7.51, 19.84, 4.94, False),
+    ("normal", "AOGNet-40M", "aognet40m", "an", 40.39, 7.51, 19.33, 4.72, False),
+    ("advanced", "ResNet-50", "resnet50", "bn", 25.56, 4.09, 21.08, 5.56, False),
+    ("advanced", "ResNet-50", "resnet50", "an", 25.76, 4.09, 19.92, 5.04, False),
+    ("advanced", "ResNet-101", "resnet101", "bn", 44.57, 8.12, 19.71, 4.89, False),
+    ("advanced", "ResNet-101", "resnet101", "an", 45.00, 8.12, 18.85, 4.63, False),
+    ("advanced", "AOGNet-12M", "aognet12m", "bn", 12.26, 2.19, 21.63, 5.60, False),
+    ("advanced", "AOGNet-12M", "aognet12m", "an", 12.37, 2.19, 20.57, 5.38, False),
+    ("advanced", "AOGNet-40M", "aognet40m", "bn", 40.15, 7.51, 18.70, 4.47, False),
+    ("advanced", "AOGNet-40M", "aognet40m", "an", 40.39, 7.51, 18.13, 4.26, False),
+]
+NORM_LABELS = {
+    "bn": "BN",
+    "gn": "GN",
+    "sn": "SN",
+    "se": "SE",
+    "an": "AN (w/ BN)",
+    "an_gn": "AN (w/ GN)",
+    "iebn": "IEBN",
+}
+SETUP_TITLES = {
+    "normal": "ImageNet-1k, normal setup (120 epochs; MobileNetV2 150)",
+    "advanced": "ImageNet-1k, advanced setup (200 epochs, label smoothing 0.1, mixup 0.2)",
+}
+
+
+@dataclass
+class Result:
+    setup: str
+    model: str
+    norm: str
+    top1: float
+    top5: float
+    count: int
+    params: float | None  # millions
+    macs: float | None  # G
+    source: str
+
+
+def setup_of(record: dict) -> str:
+    recipe = record.get("recipe") or {}
+    advanced = (recipe.get("epochs") or 0) >= 200 or (recipe.get("mixup") or 0) > 0
+    return "advanced" if advanced else "normal"
+
+
+def find_results(paths: list[str], which: str) -> list[Result]:
+    results = []
+    for arg in paths:
+        path = Path(arg)
+        if path.is_dir():
+            files = [path / f"{which}.eval.json"]
+            files = [f for f in files if f.exists()] or sorted(path.glob(f"{which}*.eval.json"))
+            if not files:
+                print(
+                    f"make_table: no {which}.eval.json in {path} (run eval.py on its checkpoint); skipped",
+                    file=sys.stderr,
+                )
+                continue
+        elif path.is_file():
+            files = [path]
+        else:
+            raise SystemExit(f"make_table: {path} does not exist")
+        for f in files:
+            try:
+                record = json.loads(f.read_text().strip().splitlines()[-1])
+                results.append(
+                    Result(
+                        setup=setup_of(record),
+                        model=record["model"],
+                        norm=record["norm"],
+                        top1=float(record["top1"]),
+                        top5=float(record["top5"]),
+                        count=int(record.get("count", 0)),
+                        params=record["params"] / 1e6 if record.get("params") else None,
+                        macs=record["macs"] / 1e9 if record.get("macs") else None,
+                        source=str(f),
+                    )
+                )
+            except (ValueError, KeyError, IndexError) as e:
+                raise SystemExit(f"make_table: {f} is not an eval.py result ({type(e).__name__}: {e})") from None
+    return results
+
+
+def _fmt(x: float | None, digits: int = 2) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def _diff(ours: float | None, paper: float | None) -> str:
+    if ours is None or paper is None:
+        return "-"
+    return f"{ours - paper:+.2f}"
+
+
+def build_rows(results: list[Result]) -> list[dict]:
+    """One dict per table row: every paper row, then results that match no paper row."""
+    groups: dict[tuple[str, str, str], list[Result]] = {}
+    for r in results:
+        groups.setdefault((r.setup, r.model, r.norm), []).append(r)
+    rows = []
+    seen = set()
+    for setup, label, model, norm, p_params, p_flops, p_e1, p_e5, quoted in PAPER_ROWS:
+        key = (setup, model, norm)
+        seen.add(key)
+        rows.append(_row(setup, label, model, norm, groups.get(key, []), p_params, p_flops, p_e1, p_e5, quoted))
+    for key, group in sorted(groups.items()):
+        if key not in seen:
+            setup, model, norm = key
+            rows.append(_row(setup, model, model, norm, group, None, None, None, None, False))
+    return rows
+
+
+def _row(setup, label, model, norm, group, p_params, p_flops, p_e1, p_e5, quoted) -> dict:
+    e1 = statistics.mean(100 - r.top1 for r in group) if group else None
+    e5 = statistics.mean(100 - r.top5 for r in group) if group else None
+    params = next((r.params for r in group if r.params), None)
+    macs = next((r.macs for r in group if r.macs), None)
+    return {
+        "setup": setup,
+        "backbone": label,
+        "model": model,
+        "norm": NORM_LABELS.get(norm, norm) + ("*" if quoted else ""),
+        "runs": len(group),
+        "images": group[0].count if group else None,
+        "params_m": params,
+        "paper_params_m": p_params,
+        "gmacs": macs,
+        "paper_gflops": p_flops,
+        "top1_err": e1,
+        "paper_top1_err": p_e1,
+        "top1_diff": None if e1 is None or p_e1 is None else e1 - p_e1,
+        "top5_err": e5,
+        "paper_top5_err": p_e5,
+        "top5_diff": None if e5 is None or p_e5 is None else e5 - p_e5,
+        "top1_err_std": statistics.stdev(100 - r.top1 for r in group) if len(group) > 1 else None,
+    }
+
+
+def to_markdown(rows: list[dict]) -> str:
+    out = []
+    for setup in ("normal", "advanced"):
+        part = [r for r in rows if r["setup"] == setup]
+        if not part:
+            continue
+        out.append(f"### {SETUP_TITLES[setup]}\n")
+        out.append(
+            "| Backbone | Norm | Params (M) ours / paper | GMACs ours / paper FLOPs | top-1 err ours | paper | diff "
+            "| top-5 err ours | paper | diff | runs |"
+        )
+        out.append("|---|---|---|---|---|---|---|---|---|---|---|")
+        for r in part:
+            e1 = _fmt(r["top1_err"]) + (f" ± {r['top1_err_std']:.2f}" if r["top1_err_std"] is not None else "")
+            out.append(
+                f"| {r['backbone']} | {r['norm']} | {_fmt(r['params_m'], 3)} / {_fmt(r['paper_params_m'])} | "
+                f"{_fmt(r['gmacs'])} / {_fmt(r['paper_gflops'])} | {e1} | {_fmt(r['paper_top1_err'])} | "
+                f"{_diff(r['top1_err'], r['paper_top1_err'])} | {_fmt(r['top5_err'])} | {_fmt(r['paper_top5_err'])} | "
+                f"{_diff(r['top5_err'], r['paper_top5_err'])} | {r['runs']} |"
+            )
+        out.append("")
+    out.append("Errors in %, single 224 crop (resize 256). * rows are quoted in the paper from other papers.")
+    return "\n".join(out) + "\n"
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: ("" if v is None else v) for k, v in r.items()})
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("paths", nargs="+", help="run folders or eval JSON files")
+    parser.add_argument("--which", default="best", choices=["best", "last"], help="checkpoint whose eval to use")
+    parser.add_argument("--markdown", default=None, help="also write the markdown table here")
+    parser.add_argument("--csv", default=None, help="write the table as CSV here")
+    parser.add_argument("--only-results", action="store_true", help="omit paper rows without a result")
+    args = parser.parse_args(argv)
+    rows = build_rows(find_results(args.paths, args.which))
+    if args.only_results:
+        rows = [r for r in rows if r["runs"]]
+    text = to_markdown(rows)
+    print(text, end="")
+    if args.markdown:
+        Path(args.markdown).write_text(text)
+    if args.csv and rows:
+        write_csv(rows, Path(args.csv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
