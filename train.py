@@ -43,6 +43,7 @@ from engine.loop import NonFiniteLossError, SoftTargetCrossEntropy, TrainContext
 from engine.optim import ModelEma, build_optimizer, make_schedule
 
 EXIT_CONFIG_ERROR = 2
+IMAGENET_TRAIN_IMAGES = 1_281_167
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -143,8 +144,8 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def an_attention_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """The attention branches of the AN layers of ``model`` (name -> module whose output is lambda)."""
-    return an.attention_modules(model)
+    """The attention branches of the AN layers of ``model`` (name -> module whose output is lambda, N x K)."""
+    return {name: m.attention for name, m in model.named_modules() if isinstance(m, an.AttentiveNorm2d)}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -223,7 +224,10 @@ def dry_run(cfg: Config, args) -> int:
     model = build_model(cfg)
     params = sum(p.numel() for p in model.parameters())
     macs = models.count_macs(model, cfg.data.img_size)
-    n_train = data.count_train_images(cfg)
+    try:
+        n_train, counted = data.count_train_images(cfg), "counted"
+    except data.DatasetError:
+        n_train, counted = IMAGENET_TRAIN_IMAGES, f"assumed: ImageNet-1k, no dataset at '{cfg.data.root}'"
     steps = n_train // (cfg.data.batch_size * world)
     if cfg.train.steps_per_epoch is not None:
         steps = min(steps, cfg.train.steps_per_epoch)
@@ -237,7 +241,7 @@ def dry_run(cfg: Config, args) -> int:
         f"global batch   {global_batch} = {cfg.data.batch_size} per GPU x {world} processes x {cfg.optim.accum_steps}"
     )
     print(f"peak LR        {schedule.peak_lr:.5g} = {cfg.optim.lr} x {global_batch} / {cfg.optim.base_batch_size}")
-    print(f"train images   {n_train:,}")
+    print(f"train images   {n_train:,} ({counted})")
     print(f"steps          {steps} per epoch, {schedule.total_steps} optimizer steps, {schedule.warmup_steps} warm-up")
     print(f"output         {cfg.train.output_dir}")
     return 0
@@ -312,8 +316,10 @@ def run(cfg: Config, args, dist_info: du.DistInfo) -> int:
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     forward_model: nn.Module = model
     if dist_info.distributed:
+        # Buffers (BN running statistics) are broadcast from rank 0 at every forward (DDP's default), so a
+        # resumed run, which restores rank 0's buffers everywhere, continues exactly as an unbroken one.
         forward_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=True
+            model, device_ids=[device.index] if device.type == "cuda" else None
         )
     eval_model: nn.Module = model
     if cfg.train.compile:
@@ -377,7 +383,8 @@ def run(cfg: Config, args, dist_info: du.DistInfo) -> int:
         if start_step >= steps_per_epoch:
             start_epoch, start_step = start_epoch + 1, 0
         log.info(f"Resumed from {resume_path}: epoch {start_epoch}, step {start_step}, update {ctx.global_update}.")
-        folder.log.truncate_after_epoch(start_epoch) if dist_info.is_main else None
+        if dist_info.is_main:
+            folder.log.truncate_after(start_epoch)
 
     if dist_info.is_main:
         (folder.path / "config.yaml").write_text(cfg.dump())
@@ -387,6 +394,15 @@ def run(cfg: Config, args, dist_info: du.DistInfo) -> int:
             f"{device.type} | batch {cfg.data.batch_size}/process, {steps_per_epoch} steps/epoch | peak LR "
             f"{schedule.peak_lr:.4g} | amp {cfg.train.amp} | output {folder.path}"
         )
+        recipe = cfg.dist.recipe_gpus
+        if recipe is not None and recipe != dist_info.world_size:
+            log.warning(
+                f"This recipe was written for {recipe} processes x {cfg.data.batch_size} images = "
+                f"{recipe * cfg.data.batch_size * accum} per step; with {dist_info.world_size} the global batch is "
+                f"{dist_info.world_size * cfg.data.batch_size * accum} and the peak LR {schedule.peak_lr:.4g} (linear "
+                f"scaling). Published numbers assume the recipe's global batch; to keep it, set "
+                f"data.batch_size={recipe * cfg.data.batch_size // dist_info.world_size} or optim.accum_steps."
+            )
     tb = TensorBoard(folder.path / "tb", enabled=cfg.log.tensorboard and dist_info.is_main)
     preempt = du.PreemptionHandler(device, cfg.dist.signal_check_every)
     last_save = {"time": time.monotonic()}
@@ -469,6 +485,10 @@ def run(cfg: Config, args, dist_info: du.DistInfo) -> int:
                     improved = val["top1"] > best["top1"]
                     if improved:
                         best = {"top1": val["top1"], "epoch": epoch + 1}
+                if dist_info.distributed:
+                    record["ranks_consistent"] = du.ranks_consistent(model)
+                    if not record["ranks_consistent"]:
+                        log.error("The ranks hold different weights after this epoch: the replicas diverged.")
                 record.update(
                     best_top1=best["top1"],
                     best_epoch=best["epoch"],

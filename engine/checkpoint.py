@@ -57,15 +57,16 @@ def git_revision() -> str:
 
 
 def versions() -> dict[str, str]:
-    info = {"python": platform.python_version(), "torch": torch.__version__}
+    # Plain str() everywhere: torch.__version__ is a TorchVersion, which weights_only loading refuses.
+    info = {"python": platform.python_version(), "torch": str(torch.__version__)}
     if torch.version.cuda:
-        info["cuda"] = torch.version.cuda
+        info["cuda"] = str(torch.version.cuda)
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     try:
         import torchvision
 
-        info["torchvision"] = torchvision.__version__
+        info["torchvision"] = str(torchvision.__version__)
     except ImportError:
         pass
     return info

@@ -77,9 +77,15 @@ class DataConfig:
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
     synthetic_train_size: int = 1281167  # images per epoch of the synthetic backend
     synthetic_val_size: int = 50000
+    synthetic_bank_size: int = 128  # distinct random images the synthetic backend cycles through (kept on the device)
+    loader_timeout: float = 300.0  # torch backend: seconds to wait for one batch from the workers; 0 = no limit
     # DALI options.
     dali_hw_decoder_load: float = 0.65  # share of JPEGs sent to the hardware decoder (A100/H100)
     dali_preallocate: bool = True  # preallocate nvJPEG memory for ImageNet-sized images
+    dali_preallocate_width: int = 6000  # preallocation hint: widest image expected (tools/check_dataset.py prints it)
+    dali_preallocate_height: int = 6000  # preallocation hint: tallest image expected
+    dali_device_memory_padding: int = 268435456  # bytes added to each nvJPEG GPU buffer reallocation (256 MiB)
+    dali_host_memory_padding: int = 167772160  # bytes added to each nvJPEG pinned host buffer reallocation (160 MiB)
     dali_prefetch: int = 2  # prefetch queue depth
 
 
@@ -204,6 +210,12 @@ _CHECKS: dict[tuple[str, str], tuple[Any, str]] = {
     ("data", "synthetic_val_size"): (lambda v: v >= 1, "an integer >= 1"),
     ("data", "dali_hw_decoder_load"): _PROBABILITY,
     ("data", "dali_prefetch"): (lambda v: v >= 1, "an integer >= 1"),
+    ("data", "synthetic_bank_size"): (lambda v: v >= 1, "an integer >= 1"),
+    ("data", "loader_timeout"): _NON_NEGATIVE,
+    ("data", "dali_preallocate_width"): (lambda v: v >= 0, "an integer >= 0"),
+    ("data", "dali_preallocate_height"): (lambda v: v >= 0, "an integer >= 0"),
+    ("data", "dali_device_memory_padding"): (lambda v: v >= 0, "an integer >= 0 (bytes)"),
+    ("data", "dali_host_memory_padding"): (lambda v: v >= 0, "an integer >= 0 (bytes)"),
     ("optim", "lr"): _POSITIVE,
     ("optim", "base_batch_size"): (lambda v: v >= 1, "an integer >= 1"),
     ("optim", "momentum"): (lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),

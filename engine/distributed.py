@@ -14,6 +14,7 @@ CPU tests. Nothing in this module hard-codes ``cuda``.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import os
 import signal
 from dataclasses import dataclass, field
@@ -155,6 +156,25 @@ def distribute_norm_stats(model: torch.nn.Module, mode: str = "reduce") -> None:
             dist.broadcast(buf, src=0)
         else:
             raise ValueError(f"unknown dist_bn mode '{mode}' (valid: reduce, broadcast, none)")
+
+
+def state_digest(module: torch.nn.Module) -> str:
+    """SHA-256 of every parameter and buffer (names, dtypes and bytes): equal digests mean equal weights."""
+    h = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def ranks_consistent(module: torch.nn.Module) -> bool:
+    """True when every rank holds bitwise-identical weights and buffers (collective; True when not distributed)."""
+    if not is_initialized():
+        return True
+    digests = [None] * dist.get_world_size()
+    dist.all_gather_object(digests, state_digest(module))
+    return len(set(digests)) == 1
 
 
 class PreemptionHandler:

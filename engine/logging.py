@@ -110,13 +110,16 @@ class JsonlWriter:
         with self.path.open("a") as f:
             f.write(json.dumps(clean) + "\n")
 
-    def truncate_after_epoch(self, epoch: int) -> None:
-        """On resume, drops lines of epochs >= ``epoch`` (written after the checkpoint we resume from)."""
+    def truncate_after(self, completed_epochs: int) -> None:
+        """On resume, drops lines of epochs after ``completed_epochs`` (logged after the checkpoint we resume from).
+
+        Records carry the 1-based number of completed epochs, so a checkpoint taken after 3 epochs keeps
+        the lines of epochs 1, 2 and 3.
+        """
         if not self.path.exists():
             return
-        kept = [
-            line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line)["epoch"] < epoch
-        ]
+        lines = self.path.read_text().splitlines()
+        kept = [line for line in lines if line.strip() and json.loads(line)["epoch"] <= completed_epochs]
         self.path.write_text("".join(line + "\n" for line in kept))
 
 

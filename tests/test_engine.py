@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import random
@@ -14,7 +15,7 @@ from torch import nn
 
 from engine import checkpoint as ck
 from engine.config import config_from_dict
-from engine.distributed import PreemptionHandler, world_info_from_env
+from engine.distributed import PreemptionHandler, ranks_consistent, state_digest, world_info_from_env
 from engine.optim import ModelEma, Schedule, lr_at, make_schedule, scaled_lr
 
 # ---------------------------------------------------------------------------------------------------
@@ -38,8 +39,8 @@ def test_lr_schedule_shape_and_floor():
     s = Schedule(peak_lr=1.0, total_steps=200, warmup_steps=20, warmup_start_factor=0.01, min_lr=1e-3)
     lrs = [lr_at(i, s) for i in range(201)]
     assert lrs[0] == pytest.approx(0.01)
-    assert all(a < b for a, b in zip(lrs[:20], lrs[1:21]))  # warm-up increases
-    assert all(a >= b for a, b in zip(lrs[20:], lrs[21:]))  # then never increases
+    assert all(a < b for a, b in itertools.pairwise(lrs[:21]))  # warm-up increases
+    assert all(a >= b for a, b in itertools.pairwise(lrs[20:]))  # then never increases
     assert lrs[-1] == pytest.approx(1e-3)
     const = Schedule(peak_lr=0.5, total_steps=100, warmup_steps=0, name="constant")
     assert {lr_at(i, const) for i in range(100)} == {0.5}
@@ -47,7 +48,11 @@ def test_lr_schedule_shape_and_floor():
 
 def test_make_schedule_scales_lr_by_global_batch():
     cfg = config_from_dict(
-        {"optim": {"lr": 0.1, "accum_steps": 2}, "data": {"batch_size": 128}, "sched": {"epochs": 120, "warmup_epochs": 5}}
+        {
+            "optim": {"lr": 0.1, "accum_steps": 2},
+            "data": {"batch_size": 128},
+            "sched": {"epochs": 120, "warmup_epochs": 5},
+        }
     )
     s = make_schedule(cfg, steps_per_epoch=1000, world_size=4)
     assert s.peak_lr == pytest.approx(scaled_lr(0.1, 128 * 4 * 2))  # 0.1 x 1024 / 256 = 0.4
@@ -62,7 +67,14 @@ def test_make_schedule_scales_lr_by_global_batch():
 
 def small_checkpoint() -> dict:
     model = nn.Linear(4, 3)
-    return {"model": model.state_dict(), "epoch": 1, "rng": [ck.capture_rng()], "config": {"model": {"name": "x"}}}
+    return {
+        "model": model.state_dict(),
+        "epoch": 1,
+        "rng": [ck.capture_rng()],
+        "config": {"model": {"name": "x"}},
+        "versions": ck.versions(),
+        "git_rev": ck.git_revision(),
+    }
 
 
 def test_save_atomic_round_trip_and_weights_only(tmp_path):
@@ -158,7 +170,23 @@ def test_preemption_handler_flags_at_check_steps(signum):
         assert not handler.should_stop(7)  # only checked every 5 steps, so all ranks agree on the step
         assert handler.should_stop(10)
         assert handler.should_stop(3, force_sync=True)
-    assert signal.getsignal(signum) in (signal.SIG_DFL, signal.default_int_handler) or callable(signal.getsignal(signum))
+    assert signal.getsignal(signum) in (signal.SIG_DFL, signal.default_int_handler) or callable(
+        signal.getsignal(signum)
+    )
+
+
+def test_state_digest_sees_every_parameter_and_buffer():
+    torch.manual_seed(0)
+    a = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    b = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    b.load_state_dict(a.state_dict())
+    assert state_digest(a) == state_digest(b) and ranks_consistent(a)
+    b[1].num_batches_tracked += 1  # a 0-dim integer buffer
+    assert state_digest(a) != state_digest(b)
+    b.load_state_dict(a.state_dict())
+    with torch.no_grad():
+        b[0].weight[0, 0, 0, 0] = torch.nextafter(b[0].weight[0, 0, 0, 0], torch.tensor(2.0))  # one ulp
+    assert state_digest(a) != state_digest(b)
 
 
 def test_world_info_from_env(monkeypatch):

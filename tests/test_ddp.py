@@ -1,0 +1,145 @@
+"""Multi-process training on gloo (CPU): torchrun with 2 workers, and 2 torchrun agents acting as 2 nodes.
+
+Each test launches real processes with torchrun, so it checks the same path users run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine import checkpoint as ck
+from tests.conftest import tiny_config
+
+REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+
+# GroupNorm: no batch statistics, so 2 ranks x batch B must equal 1 process x batch 2B.
+BN_FREE = {"model": {"norm": "gn", "gn_groups": 4}}
+
+
+def env() -> dict[str, str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
+    return {**clean, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
+
+
+def torchrun(*args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", *args]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(cmd: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
+
+
+def read_log(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+
+
+def test_two_ranks_match_one_process_with_the_double_batch(tmp_path):
+    two = tiny_config(tmp_path / "two", **BN_FREE)
+    one = tiny_config(tmp_path / "one", data={"batch_size": 16}, **BN_FREE)
+    result = run(torchrun("--standalone", "--nproc_per_node", "2", "train.py", "--config", str(two)))
+    assert result.returncode == 0, result.stdout + result.stderr
+    result = run([sys.executable, "train.py", "--config", str(one)])
+    assert result.returncode == 0, result.stdout + result.stderr
+    log = read_log(tmp_path / "two" / "run")
+    assert all(r["ranks_consistent"] for r in log)  # identical weights on both ranks after every epoch
+    assert all(r["val_count"] == 21 for r in log)  # odd validation set counted exactly once across ranks
+    a = ck.load_checkpoint(tmp_path / "two" / "run" / "last.pth")
+    b = ck.load_checkpoint(tmp_path / "one" / "run" / "last.pth")
+    assert a["global_update"] == b["global_update"] == 6
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-4, atol=1e-5, msg=k)
+    for ra, rb in zip(read_log(tmp_path / "two" / "run"), read_log(tmp_path / "one" / "run")):
+        assert ra["val_top1"] == rb["val_top1"]
+
+
+def worker_pids(agent_pid: int) -> dict[int, int]:
+    """rank -> pid of the training processes started by a torchrun agent (read from /proc)."""
+    found = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) != agent_pid:
+                continue
+            environ = (stat.parent / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        for item in environ:
+            if item.startswith(b"RANK="):
+                found[int(item[5:])] = int(stat.parent.name)
+    return found
+
+
+def test_sigterm_to_one_rank_stops_all_ranks_at_the_same_step_and_resumes_exactly(tmp_path):
+    sections = {"data": {"synthetic_train_size": 480}, "log": {"interval": 1, "progress": "lines"}}
+    straight = tiny_config(tmp_path / "a", **sections)
+    result = run(torchrun("--standalone", "--nproc_per_node", "2", "train.py", "--config", str(straight)))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+    config = tiny_config(tmp_path / "b", **sections)
+    cmd = torchrun("--standalone", "--nproc_per_node", "2", "train.py", "--config", str(config))
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log_file = tmp_path / "b" / "run" / "train.log"
+    deadline = time.time() + 180
+    while not (log_file.exists() and "epoch 1/2 [4/30]" in log_file.read_text()):
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.time() < deadline, "training never reached step 4"
+        time.sleep(0.05)
+    pids = worker_pids(proc.pid)
+    assert sorted(pids) == [0, 1]
+    os.kill(pids[1], signal.SIGTERM)  # only rank 1 is told; rank 0 must stop at the same step
+    out, _ = proc.communicate(timeout=180)
+    assert "exitcode  : 75" in out or "exitcode: 75" in out.replace(" ", ""), out
+    status = json.loads((tmp_path / "b" / "run" / "status.json").read_text())
+    assert status["state"] == "preempted" and status["epoch"] == 0
+    mid = ck.load_checkpoint(tmp_path / "b" / "run" / "last.pth")
+    assert mid["step_in_epoch"] == status["step"] and 4 <= status["step"] < 30
+    assert len(mid["rng"]) == 2  # every rank's RNG state, so each resumes its own stream
+
+    result = run(cmd)  # the same command resumes
+    assert result.returncode == 0, result.stdout + result.stderr
+    a = ck.load_checkpoint(tmp_path / "a" / "run" / "last.pth")
+    b = ck.load_checkpoint(tmp_path / "b" / "run" / "last.pth")
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert [r["val_top1"] for r in read_log(tmp_path / "a" / "run")] == [
+        r["val_top1"] for r in read_log(tmp_path / "b" / "run")
+    ]
+
+
+def test_two_torchrun_agents_as_two_nodes(tmp_path):
+    """Two agents on this machine play two nodes: c10d rendezvous on 127.0.0.1, gloo, run to the end."""
+    config = tiny_config(tmp_path, **BN_FREE)
+    port = free_port()
+    agents = [
+        subprocess.Popen(
+            torchrun(
+                "--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend", "c10d",
+                "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "two-node-test", "--max-restarts", "0",
+                "train.py", "--config", str(config),
+            ),
+            cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for _ in range(2)
+    ]  # fmt: skip
+    outputs = [a.communicate(timeout=600)[0] for a in agents]
+    assert [a.returncode for a in agents] == [0, 0], "\n".join(outputs)
+    log = read_log(tmp_path / "run")
+    assert len(log) == 2 and all(r["ranks_consistent"] for r in log) and all(r["val_count"] == 21 for r in log)
+    assert "2 process(es) on cpu" in (tmp_path / "run" / "train.log").read_text()

@@ -1,0 +1,268 @@
+"""train.py and eval.py end to end on tiny models and synthetic data (CPU, one process)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import data
+import eval as eval_script
+import train
+from engine import checkpoint as ck
+from engine.distributed import EXIT_PREEMPTED
+from tests.conftest import tiny_config
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def read_log(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def assert_same_state(a: dict, b: dict, what: str) -> None:
+    assert a.keys() == b.keys(), what
+    for k in a:
+        if isinstance(a[k], torch.Tensor):
+            assert torch.equal(a[k], b[k]), f"{what}: {k} differs"
+        elif isinstance(a[k], dict):
+            assert_same_state(a[k], b[k], f"{what}.{k}")
+        elif isinstance(a[k], list):
+            assert len(a[k]) == len(b[k]), f"{what}.{k}"
+            for i, (x, y) in enumerate(zip(a[k], b[k])):
+                if isinstance(x, dict):
+                    assert_same_state(x, y, f"{what}.{k}[{i}]")
+                else:
+                    assert x == y, f"{what}.{k}[{i}]"
+        else:
+            assert a[k] == b[k], f"{what}: {k} differs ({a[k]} vs {b[k]})"
+
+
+def test_train_then_eval_reproduces_the_validation_number(tmp_path, capsys):
+    config = tiny_config(tmp_path, train={"ema": True, "ema_decay": 0.9})
+    assert train.main(["--config", str(config)]) == 0
+    run = tmp_path / "run"
+    log = read_log(run)
+    assert [r["epoch"] for r in log] == [1, 2]
+    for r in log:
+        assert r["val_count"] == 21 and r["ema_count"] == 21
+        for key in ("train_loss", "lr", "val_top1", "val_top5", "best_top1", "images_per_sec", "data_time"):
+            assert r[key] is not None and r[key] == r[key], key
+        assert "compute_images_per_sec" in r and "peak_memory_mb" in r
+    peak = 0.05 * 8 / 256
+    assert log[0]["lr"] == pytest.approx(
+        peak * (1 + math.cos(math.pi * 2 / 9)) / 2
+    )  # epoch 1 ends at update 5 of 12 (3 warm-up)
+    assert log[-1]["lr"] == pytest.approx(peak * (1 + math.cos(math.pi * 8 / 9)) / 2)  # last update: almost 0
+    for name in ("last.pth", "best.pth", "config.yaml", "summary.json", "status.json", "train.log"):
+        assert (run / name).exists(), name
+    assert json.loads((run / "status.json").read_text())["state"] == "completed"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["best_top1"] == max(r["val_top1"] for r in log) and summary["last_top1"] == log[-1]["val_top1"]
+    events = list((run / "tb").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
+
+    best = ck.load_checkpoint(run / "best.pth")
+    assert best["config"]["model"]["norm"] == "an" and best["git_rev"] and best["epoch"] == summary["best_epoch"]
+    torch.load(run / "best.pth", weights_only=True)
+    capsys.readouterr()
+    assert eval_script.main(["--checkpoint", str(run / "best.pth")]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["count"] == 21 and result["model"] == "resnet50" and result["norm"] == "an"
+    assert result["top1"] == summary["best_top1"]  # the same number the trainer logged for that epoch
+    assert json.loads((run / "best.eval.json").read_text()) == result
+    assert eval_script.main(["--checkpoint", str(run / "last.pth"), "--ema"]) == 0
+    ema_result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert ema_result["top1"] == log[-1]["ema_top1"] and (run / "last.ema.eval.json").exists()
+
+
+class SignalAfter:
+    """Wraps a train loader; sends ``signum`` to this process after yielding batch ``at`` of epoch ``epoch``."""
+
+    def __init__(self, inner, epoch: int, at: int, signum: int = signal.SIGTERM):
+        self.inner, self.signal_epoch, self.at, self.signum = inner, epoch, at, signum
+
+    def epoch(self, epoch: int, start_step: int = 0):
+        for i, batch in enumerate(self.inner.epoch(epoch, start_step=start_step), start=start_step):
+            yield batch
+            if epoch == self.signal_epoch and i == self.at:
+                os.kill(os.getpid(), self.signum)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_stop_mid_epoch_and_resume_is_bitwise_equal(tmp_path, monkeypatch):
+    sections = {"train": {"ema": True, "ema_decay": 0.9}}
+    straight = tiny_config(tmp_path / "a", **sections)
+    assert train.main(["--config", str(straight)]) == 0
+
+    stopped = tiny_config(tmp_path / "b", **sections)
+    real_build = data.build_loaders
+
+    def build_with_signal(*args, **kwargs):
+        loaders = real_build(*args, **kwargs)
+        # SIGTERM arrives while batch 4 of epoch 2 is fetched: the run stops after step 4, mid-epoch.
+        loaders.train = SignalAfter(loaders.train, epoch=1, at=2)
+        return loaders
+
+    monkeypatch.setattr(data, "build_loaders", build_with_signal)
+    assert train.main(["--config", str(stopped)]) == EXIT_PREEMPTED
+    run_b = tmp_path / "b" / "run"
+    status = json.loads((run_b / "status.json").read_text())
+    assert status["state"] == "preempted" and status["epoch"] == 1 and status["step"] == 4
+    mid = ck.load_checkpoint(run_b / "last.pth")
+    assert (mid["epoch"], mid["step_in_epoch"]) == (1, 4)
+    monkeypatch.setattr(data, "build_loaders", real_build)
+    assert train.main(["--config", str(stopped)]) == 0  # auto-resume from last.pth
+
+    a = ck.load_checkpoint(tmp_path / "a" / "run" / "last.pth")
+    b = ck.load_checkpoint(run_b / "last.pth")
+    for key in ("model", "ema", "optimizer"):
+        assert_same_state(a[key], b[key], key)
+    assert (a["epoch"], a["global_update"], a["best_top1"]) == (b["epoch"], b["global_update"], b["best_top1"])
+    log_a, log_b = read_log(tmp_path / "a" / "run"), read_log(run_b)
+    for ra, rb in zip(log_a, log_b, strict=True):
+        for key in ("train_loss", "val_top1", "val_top5", "val_loss", "ema_top1", "lr"):
+            assert ra[key] == rb[key], key
+
+
+def test_finished_run_is_not_retrained_and_earlier_runs_are_not_overwritten(tmp_path):
+    config = tiny_config(tmp_path, sched={"epochs": 1})
+    assert train.main(["--config", str(config)]) == 0
+    run = tmp_path / "run"
+    before = (run / "last.pth").read_bytes()
+    assert train.main(["--config", str(config)]) == 0  # resumes at the end: nothing left to do
+    assert (run / "last.pth").read_bytes() == before and len(read_log(run)) == 1
+    with pytest.raises(SystemExit, match=r"refusing to overwrite an earlier run"):
+        train.main(["--config", str(config), "train.auto_resume=false"])
+    assert (run / "last.pth").read_bytes() == before
+    other = tiny_config(tmp_path, name="other.yaml", model={"norm": "bn"})
+    with pytest.raises(ck.CheckpointError, match=r"trained with model.norm='an'.*another train.output_dir"):
+        train.main(["--config", str(other)])
+
+
+class NaNAfter:
+    def __init__(self, inner, at: int):
+        self.inner, self.at = inner, at
+
+    def epoch(self, epoch: int, start_step: int = 0):
+        for i, (x, y) in enumerate(self.inner.epoch(epoch, start_step=start_step), start=start_step):
+            if epoch == 1 and i >= self.at:
+                x = torch.full_like(x, float("nan"))
+            yield x, y
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, caplog):
+    config = tiny_config(tmp_path, sched={"epochs": 3})
+    real_build = data.build_loaders
+
+    def build_with_nan(*args, **kwargs):
+        loaders = real_build(*args, **kwargs)
+        loaders.train = NaNAfter(loaders.train, at=1)
+        return loaders
+
+    monkeypatch.setattr(data, "build_loaders", build_with_nan)
+    assert train.main(["--config", str(config)]) == 1
+    run = tmp_path / "run"
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "failed" and "non-finite" in status["message"] and "last good one" in status["message"]
+    last = ck.load_checkpoint(run / "last.pth")
+    assert last["epoch"] == 1 and last["step_in_epoch"] == 0  # the end-of-epoch-1 checkpoint, untouched
+    assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
+
+
+def test_eval_errors_name_the_file(tmp_path, capsys):
+    config = tiny_config(tmp_path, sched={"epochs": 1})
+    assert train.main(["--config", str(config)]) == 0
+    run = tmp_path / "run"
+    with pytest.raises(ck.CheckpointError, match=r"missing.pth does not exist.*Checkpoints in"):
+        eval_script.main(["--checkpoint", str(run / "missing.pth")])
+    blob = (run / "last.pth").read_bytes()
+    (run / "cut.pth").write_bytes(blob[: len(blob) // 3])
+    with pytest.raises(ck.CheckpointError, match=r"cut.pth is truncated or corrupt"):
+        eval_script.main(["--checkpoint", str(run / "cut.pth")])
+    other = tiny_config(tmp_path, name="other.yaml", model={"name": "resnet18", "norm": "bn"})
+    with pytest.raises(ck.CheckpointError, match=r"do not fit this model"):
+        eval_script.main(["--checkpoint", str(run / "last.pth"), "--config", str(other)])
+    with pytest.raises(ck.CheckpointError, match=r"has no EMA weights"):
+        eval_script.main(["--checkpoint", str(run / "last.pth"), "--ema"])
+
+
+def test_dry_run_prints_the_plan_without_data(tmp_path, capsys):
+    config = tiny_config(tmp_path, data={"backend": "torch", "root": str(tmp_path / "no-data-here")})
+    assert train.main(["--config", str(config), "--dry-run", "data.batch_size=16"]) == 0
+    out = capsys.readouterr().out
+    assert "parameters" in out and "MACs" in out and "peak LR        0.003125 = 0.05 x 16 / 256" in out
+    assert "steps" in out and not (tmp_path / "run").exists()
+
+
+def test_config_errors_exit_with_a_message(tmp_path, capsys):
+    config = tiny_config(tmp_path)
+    assert train.main(["--config", str(config), "optim.lrr=0.1"]) == 2
+    assert "Did you mean 'lr'" in capsys.readouterr().err
+    assert train.main(["--config", str(config), "model.name=resnet05"]) == 2
+    assert "Did you mean 'resnet50'" in capsys.readouterr().err
+    assert train.main(["--config", str(config), "train.mixup=0.2", "data.batch_size=7"]) == 2
+    assert "even" in capsys.readouterr().err
+
+
+def test_mixup_cutmix_smoothing_accumulation_and_clipping_run(tmp_path):
+    config = tiny_config(
+        tmp_path,
+        train={"mixup": 0.2, "cutmix": 1.0, "label_smoothing": 0.1},
+        optim={"accum_steps": 2, "clip_grad": 1.0, "nesterov": True, "decay_norm": False},
+        sched={"epochs": 1},
+    )
+    assert train.main(["--config", str(config)]) == 0
+    last = ck.load_checkpoint(tmp_path / "run" / "last.pth")
+    assert last["global_update"] == 3  # 6 micro-batches per epoch / 2 accumulation steps
+    groups = last["optimizer"]["param_groups"]
+    assert {g["weight_decay"] for g in groups} == {0.0, 1e-4} and all(g["nesterov"] for g in groups)
+
+
+def test_gradient_accumulation_matches_the_large_batch(tmp_path):
+    """Without BN (GroupNorm), 2 x 8 accumulated equals one batch of 16 (up to float reordering)."""
+    common = {"model": {"norm": "gn", "gn_groups": 4}, "sched": {"epochs": 1, "warmup_epochs": 0}}
+    big = tiny_config(tmp_path / "big", data={"batch_size": 16}, **common)
+    acc = tiny_config(tmp_path / "acc", optim={"accum_steps": 2}, **common)
+    assert train.main(["--config", str(big)]) == 0
+    assert train.main(["--config", str(acc)]) == 0
+    a = ck.load_checkpoint(tmp_path / "big" / "run" / "last.pth")["model"]
+    b = ck.load_checkpoint(tmp_path / "acc" / "run" / "last.pth")["model"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_real_process_checkpoints_and_exits_75(tmp_path):
+    config = tiny_config(tmp_path, data={"synthetic_train_size": 800}, log={"interval": 1, "progress": "lines"})
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, str(REPO / "train.py"), "--config", str(config)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log_file = tmp_path / "run" / "train.log"
+    deadline = time.time() + 120
+    while not (log_file.exists() and "[3/100]" in log_file.read_text()):
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.time() < deadline, "training never reached step 3"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_PREEMPTED, out
+    state = ck.load_checkpoint(tmp_path / "run" / "last.pth")
+    assert state["epoch"] == 0 and 3 <= state["step_in_epoch"] < 100
+    assert json.loads((tmp_path / "run" / "status.json").read_text())["state"] == "preempted"
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"Resumed from {tmp_path / 'run' / 'last.pth'}: epoch 0, step {state['step_in_epoch']}" in done.stdout
