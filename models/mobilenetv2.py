@@ -1,0 +1,176 @@
+"""MobileNetV2 with pluggable norms; AN on the depthwise norm of every inverted-residual block.
+
+References: M. Sandler et al., "MobileNetV2: Inverted Residuals and Linear Bottlenecks", CVPR 2018 (width 1.0,
+last channel 1280, dropout 0.2 before the FC); X. Li, W. Sun and T. Wu, "Attentive Normalization", ECCV 2020
+(AN replaces the BN after each 3x3 depthwise conv, K = [5, 5, 5, 5, 10, 10, 10] per (t, c, n, s) row; the
+expansion, projection, stem and last-conv norms stay plain; AN_SPEC 2.2).
+
+What is ours: the code; the ``se`` variant puts an SE module (reduction ``se_reduction``, default 16) after
+the depthwise conv block (norm + ReLU6), on the expanded channels, as MnasNet/MobileNetV3 place theirs;
+``zero_init_last`` (default False) zero-inits the projection norm of blocks with an identity shortcut.
+With ``norm='bn'`` the module names and shapes match torchvision's ``mobilenet_v2``.
+
+Init: convs Kaiming-normal (fan_out); norms their own init; the FC N(0, 0.01) with zero bias (the usual
+MobileNetV2 init).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+
+import an
+
+from ._layers import check_flag, check_int, check_rate, classifier, conv2d, family_options, norm_options
+from ._norms import NormFn, NormLayers, make_norm_layers
+from ._registry import register_model, resolve_options
+
+__all__ = ["InvertedResidual", "MobileNetV2"]
+
+# (expansion t, output channels c, repeats n, first stride s): one row per AN stage (K per row).
+SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
+DEFAULT_K = (5, 5, 5, 5, 10, 10, 10)
+
+
+def make_divisible(value: float, divisor: int = 8) -> int:
+    """Rounds a width to the nearest multiple of ``divisor``, never going more than 10% below ``value``."""
+    out = max(divisor, int(value + divisor / 2) // divisor * divisor)
+    return out + divisor if out < 0.9 * value else out
+
+
+def conv_norm_act(cin: int, cout: int, kernel_size: int, stride: int, norm: NormFn, groups: int = 1) -> nn.Sequential:
+    """conv -> norm -> ReLU6 (indices 0, 1, 2)."""
+    return nn.Sequential(conv2d(cin, cout, kernel_size, stride, groups), norm(cout), nn.ReLU6(inplace=True))
+
+
+class InvertedResidual(nn.Module):
+    """[1x1 expand -> norm -> ReLU6] -> 3x3 depthwise -> dw_norm -> ReLU6 [-> SE] -> 1x1 project -> norm.
+
+    Args:
+        cin: Input channels.
+        cout: Output channels.
+        stride: Depthwise stride.
+        expand_ratio: Expansion t (no expansion conv when 1).
+        norm: Constructor for the plain norms.
+        dw_norm: Constructor for the depthwise norm (the AN placement).
+        se: SE-module constructor or None.
+    """
+
+    def __init__(
+        self,
+        cin: int,
+        cout: int,
+        stride: int,
+        expand_ratio: int,
+        norm: NormFn,
+        dw_norm: NormFn,
+        se: NormFn | None = None,
+    ) -> None:
+        super().__init__()
+        hidden = round(cin * expand_ratio)
+        self.use_res_connect = stride == 1 and cin == cout
+        layers: list[nn.Module] = []
+        if expand_ratio != 1:
+            layers.append(conv_norm_act(cin, hidden, 1, 1, norm))
+        layers.append(conv_norm_act(hidden, hidden, 3, stride, dw_norm, groups=hidden))
+        if se is not None:
+            layers.append(se(hidden))
+        layers += [conv2d(hidden, cout, 1), norm(cout)]
+        self.conv = nn.Sequential(*layers)
+
+    def zero_init_last(self) -> None:
+        """Zero-inits the projection norm (only meaningful with an identity shortcut)."""
+        an.zero_init_(self.conv[-1])
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.conv(x) if self.use_res_connect else self.conv(x)
+
+
+class MobileNetV2(nn.Module):
+    """MobileNetV2 backbone with a classifier.
+
+    Args:
+        norm_layers: Norm constructors; ``stages`` has one entry per row of :data:`SETTINGS`.
+        num_classes: Classifier outputs (0 = return pooled features).
+        width_mult: Width multiplier (channels rounded to multiples of 8; the last conv keeps 1280 below 1.0).
+        in_chans: Input channels.
+        drop_rate: Dropout before the classifier.
+        zero_init_last: Zero-init the projection norm of blocks with an identity shortcut.
+    """
+
+    def __init__(
+        self,
+        norm_layers: NormLayers,
+        num_classes: int = 1000,
+        *,
+        width_mult: float = 1.0,
+        in_chans: int = 3,
+        drop_rate: float = 0.2,
+        zero_init_last: bool = False,
+    ) -> None:
+        super().__init__()
+        if len(norm_layers.stages) != len(SETTINGS):
+            raise ValueError(f"MobileNetV2 needs {len(SETTINGS)} per-stage norms, got {len(norm_layers.stages)}")
+        cin = make_divisible(32 * width_mult)
+        self.num_features = make_divisible(1280 * max(1.0, width_mult))
+        features: list[nn.Module] = [conv_norm_act(in_chans, cin, 3, 2, norm_layers.norm)]
+        for (t, c, n, s), dw_norm in zip(SETTINGS, norm_layers.stages):
+            cout = make_divisible(c * width_mult)
+            for i in range(n):
+                features.append(
+                    InvertedResidual(cin, cout, s if i == 0 else 1, t, norm_layers.norm, dw_norm, norm_layers.se)
+                )
+                cin = cout
+        features.append(conv_norm_act(cin, self.num_features, 1, 1, norm_layers.norm))
+        self.features = nn.Sequential(*features)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Sequential(nn.Dropout(drop_rate), classifier(self.num_features, num_classes))
+        fc = self.classifier[1]
+        if isinstance(fc, nn.Linear):
+            nn.init.normal_(fc.weight, 0.0, 0.01)
+            nn.init.zeros_(fc.bias)
+        if zero_init_last:
+            for m in self.modules():
+                if isinstance(m, InvertedResidual) and m.use_res_connect:
+                    m.zero_init_last()
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """The feature map after the last 1x1 conv."""
+        return self.features(x)
+
+    def forward_head(self, x: Tensor) -> Tensor:
+        """Pool, dropout, classifier."""
+        return self.classifier(self.pool(x).flatten(1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+_OPTIONS = family_options(width_mult=1.0)
+
+
+@register_model
+def mobilenetv2(norm: str = "bn", num_classes: int = 1000, **kwargs: Any) -> MobileNetV2:
+    """MobileNetV2 1.0 (3.5M parameters); AN at every depthwise norm, K = [5, 5, 5, 5, 10, 10, 10] per row."""
+    name = "mobilenetv2"
+    o = resolve_options(name, kwargs, _OPTIONS)
+    norm_layers = make_norm_layers(
+        name,
+        norm,
+        o["norm_k"] if o["norm_k"] is not None else DEFAULT_K,
+        num_stages=len(SETTINGS),
+        stage_name="inverted-residual row (t, c, n, s)",
+        **norm_options(o),
+    )
+    width = o["width_mult"]
+    if isinstance(width, bool) or not isinstance(width, (int, float)) or width <= 0:
+        raise ValueError(f"{name}: option 'width_mult' must be a positive number, got {width!r}")
+    return MobileNetV2(
+        norm_layers,
+        num_classes,
+        width_mult=float(width),
+        in_chans=check_int(name, "in_chans", o["in_chans"]),
+        drop_rate=check_rate(name, "drop_rate", o["drop_rate"] if o["drop_rate"] is not None else 0.2),
+        zero_init_last=check_flag(name, "zero_init_last", o["zero_init_last"] or False),
+    )
