@@ -1,0 +1,72 @@
+"""Instance Enhancement Batch Normalization (IEBN).
+
+Reference: S. Liang, Z. Huang, M. Liang and H. Yang, "Instance Enhancement Batch Normalization: an Adaptive
+Regulator of Batch Noise", AAAI 2020. Written from ``AN_SPEC.md`` section 8:
+
+    y = x_hat * gamma_c * sigmoid(a_c * mean_hw(x)[n, c] + b_c) + beta_c
+
+with ``x_hat`` the BN-standardized input and the gate computed from the raw input's channel mean; a = 0,
+b = -1, gamma = 1, beta = 0 at init. What is ours: composition (an affine-free ``norm`` BatchNorm2d plus the
+gate parameters) so BN tools keep the gate, float32 math under autocast, one pass for statistics (see
+:mod:`an.functional`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from an.functional import channel_stats, compute_dtype, fp32_region, standardize_affine
+
+__all__ = ["IEBatchNorm2d"]
+
+
+class IEBatchNorm2d(nn.Module):
+    """IEBN (factory name ``'iebn'``).
+
+    Parameters: ``weight``/``bias`` (C; gamma/beta), ``gate_weight``/``gate_bias`` (C; a and b).
+    Submodule ``norm``: the affine-free BatchNorm2d that owns the running statistics.
+
+    Args:
+        num_features: Channels C.
+        eps: Epsilon of the standardizer BN.
+        momentum: Momentum of the standardizer BN.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1) -> None:
+        super().__init__()
+        self.num_features = num_features
+        self.norm = nn.BatchNorm2d(num_features, eps, momentum, affine=False)
+        self.weight = nn.Parameter(torch.empty(num_features))
+        self.bias = nn.Parameter(torch.empty(num_features))
+        self.gate_weight = nn.Parameter(torch.empty(num_features))
+        self.gate_bias = nn.Parameter(torch.empty(num_features))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """gamma = 1, beta = 0, a = 0, b = -1 (gate starts at sigmoid(-1) ~ 0.27); running stats reset."""
+        self.norm.reset_running_stats()
+        nn.init.ones_(self.weight)
+        nn.init.zeros_(self.bias)
+        nn.init.zeros_(self.gate_weight)
+        nn.init.constant_(self.gate_bias, -1.0)
+
+    @torch.no_grad()
+    def zero_init_(self) -> None:
+        """gamma = beta = 0, so the layer outputs exactly zero."""
+        self.weight.zero_()
+        self.bias.zero_()
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 4:
+            raise ValueError(f"IEBatchNorm2d: expected a 4-D input (N, C, H, W), got shape {tuple(x.shape)}")
+        with fp32_region(x):
+            xf = x.to(compute_dtype(x))
+            mean, var = channel_stats(xf)
+            gate = torch.sigmoid(self.gate_weight.to(xf.dtype) * mean + self.gate_bias.to(xf.dtype))
+            scale = self.weight.to(xf.dtype) * gate
+            y = standardize_affine(self.norm, xf, mean, var, scale, self.bias.to(xf.dtype).expand_as(scale))
+        return y.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}"

@@ -1,0 +1,176 @@
+"""Switchable Normalization (SN) and its synchronised variant.
+
+Reference: P. Luo, J. Ren, Z. Peng, R. Zhang and J. Li, "Differentiable Learning-to-Normalize via Switchable
+Normalization", ICLR 2019 (arXiv 1806.10779). Written from the description in ``AN_SPEC.md`` section 7:
+
+    y = gamma * (x - sum_k w_k mu_k) / sqrt(sum_k w'_k sigma2_k + eps) + beta,   k in {IN, LN, BN}
+    w = softmax(mean_weight), w' = softmax(var_weight)   (two separate triplets, initialised equal)
+
+What is ours:
+
+- All variances are biased (population) variances, so a one-hot SN is exactly InstanceNorm, LayerNorm
+  (GroupNorm with one group) or BatchNorm; LN and BN statistics are derived from the IN ones with the law of
+  total variance.
+- Eval-time choice: the BN part uses running averages updated like ``nn.BatchNorm2d`` (momentum 0.1,
+  unbiased running variance), the IN/LN parts always come from the sample. The SN paper's alternative
+  "batch average" (statistics re-estimated after training) is not implemented.
+- :class:`SyncSwitchableNorm2d` computes the BN-part statistics over all ranks (two small differentiable
+  all-reduces); the mixture weights and IN/LN parts are per-sample and need no communication.
+- Statistics and mixture math run in float32 under autocast; the output has the input dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from an.functional import channel_affine, channel_stats, compute_dtype, fp32_region
+
+__all__ = ["SwitchableNorm2d", "SyncSwitchableNorm2d"]
+
+
+class SwitchableNorm2d(nn.Module):
+    """Switchable Normalization over IN, LN and BN statistics (factory name ``'sn'``).
+
+    Parameters: ``weight``/``bias`` (C; gamma/beta), ``mean_weight``/``var_weight`` (3; softmax logits in
+    the order IN, LN, BN). Buffers: ``running_mean``, ``running_var``, ``num_batches_tracked`` (BN part).
+
+    Args:
+        num_features: Channels C.
+        eps: Added to the mixed variance.
+        momentum: Momentum of the BN-part running statistics (None = cumulative average).
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1) -> None:
+        super().__init__()
+        self.num_features, self.eps, self.momentum = num_features, eps, momentum
+        self.weight = nn.Parameter(torch.empty(num_features))
+        self.bias = nn.Parameter(torch.empty(num_features))
+        self.mean_weight = nn.Parameter(torch.empty(3))
+        self.var_weight = nn.Parameter(torch.empty(3))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+        self.reset_parameters()
+
+    def reset_running_stats(self) -> None:
+        self.running_mean.zero_()
+        self.running_var.fill_(1.0)
+        self.num_batches_tracked.zero_()
+
+    def reset_parameters(self) -> None:
+        """gamma = 1, beta = 0, equal mixture weights (1/3 each); running statistics reset."""
+        self.reset_running_stats()
+        nn.init.ones_(self.weight)
+        nn.init.zeros_(self.bias)
+        nn.init.zeros_(self.mean_weight)
+        nn.init.zeros_(self.var_weight)
+
+    @torch.no_grad()
+    def zero_init_(self) -> None:
+        """gamma = 0 (zero-init of a residual branch's last norm)."""
+        self.weight.zero_()
+
+    def mixture_weights(self, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+        """The softmax-normalized (mean, variance) weights, each of shape (3,) in the order IN, LN, BN."""
+        return torch.softmax(self.mean_weight.to(dtype), 0), torch.softmax(self.var_weight.to(dtype), 0)
+
+    def _batch_stats(self, mean: Tensor, var: Tensor, hw: int) -> tuple[Tensor, Tensor, Tensor | int]:
+        """BN-part (mean, biased var) per channel from the IN statistics, and the element count per channel."""
+        count = mean.shape[0] * hw
+        if count <= 1:
+            raise ValueError(f"Expected more than 1 value per channel when training, got {count}")
+        mu = mean.mean(0)
+        return mu, var.mean(0) + (mean - mu).square().mean(0), count
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 4:
+            raise ValueError(f"{type(self).__name__}: expected a 4-D input (N, C, H, W), got shape {tuple(x.shape)}")
+        with fp32_region(x):
+            xf = x.to(compute_dtype(x))
+            mean_in, var_in = channel_stats(xf)
+            mean_ln = mean_in.mean(1, keepdim=True)
+            var_ln = var_in.mean(1, keepdim=True) + (mean_in - mean_ln).square().mean(1, keepdim=True)
+            if self.training:
+                mean_bn, var_bn, count = self._batch_stats(mean_in, var_in, x.shape[2] * x.shape[3])
+                self._update_running(mean_bn, var_bn, count)
+            else:
+                mean_bn, var_bn = self.running_mean.to(xf.dtype), self.running_var.to(xf.dtype)
+            wm, wv = self.mixture_weights(xf.dtype)
+            mean = wm[0] * mean_in + wm[1] * mean_ln + wm[2] * mean_bn
+            var = wv[0] * var_in + wv[1] * var_ln + wv[2] * var_bn
+            scale = self.weight.to(xf.dtype) * torch.rsqrt(var + self.eps)
+            y = channel_affine(xf, scale, self.bias.to(xf.dtype) - mean * scale)
+        return y.to(x.dtype)
+
+    @torch.no_grad()
+    def _update_running(self, mean: Tensor, var: Tensor, count: Tensor | int) -> None:
+        self.num_batches_tracked.add_(1)
+        factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        self.running_mean.lerp_(mean.to(self.running_mean.dtype), factor)
+        self.running_var.lerp_((var * (count / (count - 1))).to(self.running_var.dtype), factor)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}"
+
+
+class SyncSwitchableNorm2d(SwitchableNorm2d):
+    """SN whose BN-part statistics are computed over every rank of ``process_group`` in training.
+
+    Falls back to :class:`SwitchableNorm2d` behaviour when torch.distributed is not initialised or the group
+    has one rank. Gradients flow through the all-reduces (``torch.distributed.nn.functional.all_reduce``), so
+    the backward matches SN on the concatenated batch, as ``nn.SyncBatchNorm`` does for BN. Works with any
+    backend that supports all_reduce (gloo on CPU included).
+
+    Args:
+        num_features: Channels C.
+        eps: Added to the mixed variance.
+        momentum: Momentum of the BN-part running statistics.
+        process_group: Group to synchronise over (None = the default group).
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        process_group: dist.ProcessGroup | None = None,
+    ) -> None:
+        super().__init__(num_features, eps, momentum)
+        self.process_group = process_group
+
+    @classmethod
+    def from_switchable(
+        cls, module: SwitchableNorm2d, process_group: dist.ProcessGroup | None = None
+    ) -> SyncSwitchableNorm2d:
+        """A synced copy that shares ``module``'s parameters and buffers (same names, same tensors)."""
+        with torch.device("meta"):
+            out = cls(module.num_features, module.eps, module.momentum, process_group)
+        for name, p in module.named_parameters(recurse=False):
+            out.register_parameter(name, p)
+        for name, b in module.named_buffers(recurse=False):
+            out.register_buffer(name, b)
+        out.train(module.training)
+        return out
+
+    def _world(self) -> int:
+        if self.training and dist.is_available() and dist.is_initialized():
+            return dist.get_world_size(self.process_group)
+        return 1
+
+    def _all_reduce(self, t: Tensor) -> Tensor:
+        from torch.distributed.nn.functional import all_reduce
+
+        return all_reduce(t, group=dist.group.WORLD if self.process_group is None else self.process_group)
+
+    def _batch_stats(self, mean: Tensor, var: Tensor, hw: int) -> tuple[Tensor, Tensor, Tensor | int]:
+        if self._world() == 1:
+            return super()._batch_stats(mean, var, hw)
+        # Two rounds keep the variance stable: global mean first, then squared deviations around it.
+        n_local = torch.full((1,), float(mean.shape[0]), dtype=mean.dtype, device=mean.device)
+        sums = self._all_reduce(torch.cat([mean.sum(0), n_local]))
+        n = sums[-1]
+        mu = sums[:-1] / n
+        sq = self._all_reduce((var + (mean - mu).square()).sum(0))
+        return mu, sq / n, n.detach() * hw  # count stays a tensor: no host sync

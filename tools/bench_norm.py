@@ -1,0 +1,154 @@
+"""Forward+backward time of every norm layer of ``an`` against BatchNorm at the ResNet-50 bn2 shapes.
+
+Shapes (224 input, bn2 of each stage): C=64@56x56, 128@28x28, 256@14x14, 512@7x7, with AN's K per stage
+[10, 10, 20, 20] as in the paper. Each timed iteration is ``y = layer(x); y.backward(g)`` in train mode;
+the layers are timed round-robin and the table reports the median over ``--repeats`` rounds and the ratio
+to BN at the same shape.
+
+Usage:
+    python tools/bench_norm.py --device cpu --batch-size 8 --repeats 20
+    python tools/bench_norm.py --device cuda --batch-size 128 --dtype bfloat16 --impl reference
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root, for `import an`
+
+import an
+
+SHAPES = ((64, 56, 10), (128, 28, 10), (256, 14, 20), (512, 7, 20))  # (channels, spatial size, AN's K)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _step(layer: torch.nn.Module, x: torch.Tensor, g: torch.Tensor, device: torch.device) -> float:
+    """Seconds for one forward+backward (autocast to x's dtype when it is not float32)."""
+    _sync(device)
+    t0 = time.perf_counter()
+    with torch.autocast(device.type, dtype=x.dtype, enabled=x.dtype != torch.float32):
+        y = layer(x)
+    y.backward(g)
+    _sync(device)
+    elapsed = time.perf_counter() - t0
+    x.grad = None
+    layer.zero_grad(set_to_none=True)
+    return elapsed
+
+
+def time_layers(
+    layers: dict[str, torch.nn.Module],
+    shape: tuple[int, ...],
+    device: torch.device,
+    dtype: torch.dtype,
+    repeats: int,
+    warmup: int,
+    stat: str = "median",
+) -> dict[str, float]:
+    """Seconds (median or min over rounds) of one forward+backward of each layer on the same input of ``shape``.
+
+    The layers are timed round-robin (one iteration of each per round), so a transient load on the machine
+    affects all of them alike and the ratios stay meaningful.
+
+    Args:
+        layers: Name -> layer (float32 parameters, train mode).
+        shape: Input shape (N, C, H, W).
+        device: Where to run.
+        dtype: Input dtype (and autocast dtype when not float32).
+        repeats: Timed rounds.
+        warmup: Untimed rounds first.
+        stat: ``"median"`` or ``"min"`` (the min is the more robust to other load on a shared machine).
+    """
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(shape, generator=gen).to(device=device, dtype=dtype).requires_grad_()
+    g = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
+    layers = {name: layer.to(device).train() for name, layer in layers.items()}
+    times: dict[str, list[float]] = {name: [] for name in layers}
+    for i in range(warmup + repeats):
+        for name, layer in layers.items():
+            t = _step(layer, x, g, device)
+            if i >= warmup:
+                times[name].append(t)
+    reduce = statistics.median if stat == "median" else min
+    return {name: reduce(ts) for name, ts in times.items()}
+
+
+def _build(name: str, channels: int, k: int, impl: str) -> torch.nn.Module:
+    kwargs = {}
+    if name in ("an", "an_gn"):
+        kwargs.update(k=k, impl=impl)
+    return an.create_norm(name, channels, **kwargs)
+
+
+def run(args: argparse.Namespace) -> str:
+    """Runs the benchmark and returns the markdown table."""
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype]
+    names = args.norms or an.list_norms()
+    if "bn" not in names:
+        names = ["bn", *names]
+    per_shape = []
+    for c, s, k in SHAPES:
+        layers = {name: _build(name, c, k, args.impl) for name in names}
+        shape = (args.batch_size, c, s, s)
+        per_shape.append(time_layers(layers, shape, device, dtype, args.repeats, args.warmup, args.stat))
+    header = "| norm | " + " | ".join(f"C={c} @ {s}x{s} (K={k})" for c, s, k in SHAPES) + " |"
+    lines = [header, "|---|" + "---|" * len(SHAPES)]
+    for name in names:
+        cells = [f"{r[name] * 1e3:.2f} ms ({r[name] / r['bn']:.2f}x)" for r in per_shape]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=20, help="timed rounds per shape (one iteration of each layer)")
+    p.add_argument("--stat", default="median", choices=("median", "min"), help="statistic over the rounds")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--dtype", default="float32", choices=tuple(DTYPES), help="input dtype; autocast if not float32")
+    p.add_argument("--impl", default="auto", choices=("auto", "reference", "fused"), help="AN implementation")
+    p.add_argument("--norms", nargs="*", default=None, help=f"subset of {an.list_norms()} (bn is always included)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"{_cpu_name()}, {os.cpu_count()} CPUs"
+    print(
+        f"torch {torch.__version__}, device {args.device} ({device_name}), threads {torch.get_num_threads()}, "
+        f"batch {args.batch_size}, dtype {args.dtype}, impl {args.impl}; {args.stat} of {args.repeats} round-robin "
+        "rounds of one forward+backward per layer"
+    )
+    print(run(args))
+
+
+if __name__ == "__main__":
+    main()
