@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 import an
+from engine.config import ConfigError
 
 
 @dataclass(frozen=True)
@@ -71,8 +72,8 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
-class ApexMissingError(RuntimeError):
-    pass
+class ApexMissingError(ConfigError):
+    """optim.name asks for an apex optimizer but apex is not installed."""
 
 
 def _apex_optimizer(name: str):

@@ -14,9 +14,9 @@ import torch
 from torch import nn
 
 from engine import checkpoint as ck
-from engine.config import config_from_dict
+from engine.config import ConfigError, config_from_dict
 from engine.distributed import PreemptionHandler, ranks_consistent, state_digest, world_info_from_env
-from engine.optim import ModelEma, Schedule, lr_at, make_schedule, scaled_lr
+from engine.optim import ApexMissingError, ModelEma, Schedule, build_optimizer, lr_at, make_schedule, scaled_lr
 
 # ---------------------------------------------------------------------------------------------------
 # Schedule.
@@ -58,6 +58,36 @@ def test_make_schedule_scales_lr_by_global_batch():
     assert s.peak_lr == pytest.approx(scaled_lr(0.1, 128 * 4 * 2))  # 0.1 x 1024 / 256 = 0.4
     assert s.peak_lr == pytest.approx(0.4)
     assert s.total_steps == 120 * 500 and s.warmup_steps == 5 * 500  # counted in optimizer steps
+
+
+def test_apex_optimizers_without_apex_are_a_clear_error(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_apex(name, *args, **kwargs):
+        if name == "apex" or name.startswith("apex."):
+            raise ImportError("No module named 'apex'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_apex)
+    for name in ("apex_sgd", "apex_lamb"):
+        cfg = config_from_dict({"optim": {"name": name}})
+        with pytest.raises(ApexMissingError, match=rf"optim.name='{name}' needs NVIDIA apex.*optim.name=sgd"):
+            build_optimizer(nn.Linear(2, 2), cfg, lr=0.1)
+    assert issubclass(ApexMissingError, ConfigError)  # reported like any config error by train.py
+
+
+def test_native_optimizers_use_the_weight_decay_groups():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    cfg = config_from_dict({"optim": {"name": "sgd", "nesterov": True, "weight_decay": 1e-4, "decay_norm": False}})
+    opt = build_optimizer(model, cfg, lr=0.2)
+    assert isinstance(opt, torch.optim.SGD) and all(g["nesterov"] and g["lr"] == 0.2 for g in opt.param_groups)
+    decay = {g["name"]: g["weight_decay"] for g in opt.param_groups}
+    assert decay["weight"] == 1e-4 and decay["norm"] == 0.0
+    cfg = config_from_dict({"optim": {"name": "adamw", "betas": [0.9, 0.95]}})
+    opt = build_optimizer(model, cfg, lr=1e-3)
+    assert isinstance(opt, torch.optim.AdamW) and opt.param_groups[0]["betas"] == (0.9, 0.95)
 
 
 # ---------------------------------------------------------------------------------------------------

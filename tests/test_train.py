@@ -266,3 +266,15 @@ def test_sigterm_to_a_real_process_checkpoints_and_exits_75(tmp_path):
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"Resumed from {tmp_path / 'run' / 'last.pth'}: epoch 0, step {state['step_in_epoch']}" in done.stdout
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_amp_runs_and_saves_its_scaler(tmp_path, amp):
+    config = tiny_config(
+        tmp_path, train={"amp": amp, "channels_last": True}, sched={"epochs": 1}, data={"synthetic_train_size": 16}
+    )
+    assert train.main(["--config", str(config)]) == 0
+    last = ck.load_checkpoint(tmp_path / "run" / "last.pth")
+    assert (last["scaler"] is not None) == (amp == "fp16")  # fp16 needs a grad scaler, bf16 does not
+    assert all(v.dtype != torch.float16 for v in last["model"].values())  # weights stay in full precision
+    assert read_log(tmp_path / "run")[0]["val_count"] == 21
