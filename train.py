@@ -26,6 +26,8 @@ import re
 import resource
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +40,7 @@ import models
 from engine import checkpoint as ck
 from engine import distributed as du
 from engine.config import Config, ConfigError, load_config, validate_names
-from engine.logging import JsonlWriter, Progress, TensorBoard, setup_logging
+from engine.logging import JsonlWriter, Progress, TensorBoard, get_logger, setup_logging
 from engine.loop import NonFiniteLossError, SoftTargetCrossEntropy, TrainContext, amp_dtype, evaluate, train_one_epoch
 from engine.optim import ModelEma, build_optimizer, make_schedule
 
@@ -247,11 +249,9 @@ def dry_run(cfg: Config, args) -> int:
     return 0
 
 
-def run(cfg: Config, args, dist_info: du.DistInfo) -> int:
-    device = dist_info.device
-    folder = RunFolder(cfg.train.output_dir, dist_info.is_main)
-    log = setup_logging(dist_info.rank, folder.path if dist_info.is_main else None)
-    seed_everything(cfg.train.seed + dist_info.rank)
+def configure_torch(cfg: Config, rank: int) -> None:
+    """Seeds, determinism and math-mode switches for this process."""
+    seed_everything(cfg.train.seed + rank)
     if cfg.train.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -261,55 +261,64 @@ def run(cfg: Config, args, dist_info: du.DistInfo) -> int:
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
 
-    # Where do we start? Decide before building anything heavy, so that a wrong folder fails fast.
-    resume_path = Path(args.resume) if args.resume else (folder.last if cfg.train.auto_resume else None)
-    if resume_path is not None and not args.resume and not resume_path.exists():
-        resume_path = None
-    if resume_path is None and folder.last.exists():
+
+def find_resume(cfg: Config, args, folder: RunFolder) -> tuple[dict | None, Path | None]:
+    """The checkpoint to resume from (``--resume``, else ``last.pth`` of the run folder), loaded and checked.
+
+    Decided before anything heavy is built, so that a wrong folder fails fast; an existing run is never
+    overwritten silently.
+    """
+    if args.resume:
+        path = Path(args.resume)
+    elif cfg.train.auto_resume and folder.last.exists():
+        path = folder.last
+    elif folder.last.exists():
         raise SystemExit(
             f"{folder.last} exists but train.auto_resume is false: refusing to overwrite an earlier run. Pass "
             f"--resume {folder.last}, set train.auto_resume=true, or choose another train.output_dir."
         )
-    saved = None
-    if resume_path is not None:
-        saved = ck.load_checkpoint(resume_path, map_location="cpu")
-        check_same_experiment(saved, cfg, resume_path)
+    else:
+        return None, None
+    saved = ck.load_checkpoint(path, map_location="cpu")
+    check_same_experiment(saved, cfg, path)
+    return saved, path
 
-    # Model.
-    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
-    model = build_model(cfg).to(device=device, memory_format=memory_format)
+
+def build_model_for_training(cfg: Config, dist_info: du.DistInfo, memory_format) -> tuple[nn.Module, ModelEma | None]:
+    """The raw model on its device (SyncBN-converted when asked) and its EMA."""
+    model = build_model(cfg).to(device=dist_info.device, memory_format=memory_format)
     if cfg.dist.sync_bn and dist_info.distributed:
-        if device.type != "cuda":
-            log.warning("dist.sync_bn needs CUDA (SyncBatchNorm); ignored on the CPU.")
+        if dist_info.device.type != "cuda":
+            get_logger().warning("dist.sync_bn needs CUDA (SyncBatchNorm); ignored on the CPU.")
         else:
             model = an.convert_sync_norm(model)
     ema = ModelEma(model, cfg.train.ema_decay) if cfg.train.ema else None
+    return model, ema
 
-    # Data.
-    loaders = data.build_loaders(
-        cfg,
-        rank=dist_info.rank,
-        world_size=dist_info.world_size,
-        local_rank=dist_info.local_rank,
-        device=device,
-        memory_format=memory_format,
-    )
+
+def usable_steps(cfg: Config, loaders, dist_info: du.DistInfo) -> int:
+    """Training steps per epoch, checked against the dataset and rounded down to whole optimizer steps."""
     if loaders.num_classes != cfg.model.num_classes:
         raise ConfigError(
             f"The dataset at {cfg.data.root} has {loaders.num_classes} classes but model.num_classes is "
             f"{cfg.model.num_classes}; set model.num_classes={loaders.num_classes}."
         )
-    steps_per_epoch = loaders.steps_per_epoch
     accum = cfg.optim.accum_steps
-    steps_per_epoch -= steps_per_epoch % accum  # an epoch ends on an optimizer step
-    if steps_per_epoch == 0:
+    steps = loaders.steps_per_epoch - loaders.steps_per_epoch % accum  # an epoch ends on an optimizer step
+    if steps == 0:
         raise ConfigError(
             f"Not a single training step fits in an epoch: the training set is smaller than one global batch "
             f"({cfg.data.batch_size} per process x {dist_info.world_size} processes x {accum} accumulation steps). "
             f"Lower data.batch_size."
         )
+    return steps
 
-    # Optimization.
+
+def build_context(
+    cfg: Config, dist_info: du.DistInfo, model: nn.Module, ema, steps_per_epoch: int, memory_format
+) -> tuple[TrainContext, nn.Module]:
+    """Optimizer, schedule, AMP scaler, DDP/compile wrappers and loss: everything the step loop needs."""
+    device = dist_info.device
     schedule = make_schedule(cfg, steps_per_epoch, dist_info.world_size)
     optimizer = build_optimizer(model, cfg, schedule.peak_lr)
     dtype = amp_dtype(cfg.train.amp)
@@ -321,7 +330,7 @@ def run(cfg: Config, args, dist_info: du.DistInfo) -> int:
         forward_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
-    eval_model: nn.Module = model
+    eval_model: nn.Module = model  # never DDP: ranks may evaluate different numbers of batches
     if cfg.train.compile:
         forward_model = torch.compile(forward_model)
         eval_model = torch.compile(model)
@@ -340,7 +349,6 @@ def run(cfg: Config, args, dist_info: du.DistInfo) -> int:
     else:
         mixup_fn = None
         loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
-
     ctx = TrainContext(
         model=model,
         forward_model=forward_model,
@@ -350,197 +358,264 @@ def run(cfg: Config, args, dist_info: du.DistInfo) -> int:
         loss_fn=loss_fn,
         device=device,
         amp=dtype,
-        accum_steps=accum,
+        accum_steps=cfg.optim.accum_steps,
         clip_grad=cfg.optim.clip_grad,
         ema=ema,
         mixup_fn=mixup_fn,
         memory_format=memory_format,
     )
+    return ctx, eval_model
 
-    # Resume.
-    start_epoch, start_step = 0, 0
-    best = {"top1": -1.0, "epoch": -1}
-    if saved is not None:
-        ck.load_model_state(model, saved["model"], resume_path)
-        if ema is not None:
-            if saved.get("ema") is not None:
-                ema.load_state_dict(saved["ema"])
-            else:
-                log.warning(f"{resume_path} has no EMA weights; the EMA restarts from the current weights.")
-        optimizer.load_state_dict(saved["optimizer"])
-        if scaler is not None and saved.get("scaler") is not None:
-            scaler.load_state_dict(saved["scaler"])
-        start_epoch, start_step = saved["epoch"], saved["step_in_epoch"]
-        ctx.global_update = saved["global_update"]
-        ctx.meters = dict(saved.get("meters") or {})
-        best = {"top1": saved["best_top1"], "epoch": saved["best_epoch"]}
-        rng = saved.get("rng") or []
-        if len(rng) == dist_info.world_size:
-            ck.restore_rng(rng[dist_info.rank])
+
+@dataclass
+class Position:
+    """Where training stands: the next epoch and step to run, and the best validation top-1 so far."""
+
+    epoch: int = 0
+    step: int = 0
+    best_top1: float = -1.0
+    best_epoch: int = -1
+
+
+def restore(
+    saved: dict, path: Path, cfg: Config, ctx: TrainContext, dist_info: du.DistInfo, steps_per_epoch: int
+) -> Position:
+    """Loads a checkpoint's model, EMA, optimizer, scaler, counters and this rank's RNG state into ``ctx``."""
+    log = get_logger()
+    ck.load_model_state(ctx.model, saved["model"], path)
+    if ctx.ema is not None:
+        if saved.get("ema") is not None:
+            ctx.ema.load_state_dict(saved["ema"])
         else:
-            seed_everything(cfg.train.seed + dist_info.rank + 1000 * ctx.global_update)
-            log.warning(f"Resuming with {dist_info.world_size} processes instead of {len(rng)}: RNG streams reseeded.")
-        if start_step >= steps_per_epoch:
-            start_epoch, start_step = start_epoch + 1, 0
-        log.info(f"Resumed from {resume_path}: epoch {start_epoch}, step {start_step}, update {ctx.global_update}.")
-        if dist_info.is_main:
-            folder.log.truncate_after(start_epoch)
+            log.warning(f"{path} has no EMA weights; the EMA restarts from the current weights.")
+    ctx.optimizer.load_state_dict(saved["optimizer"])
+    if ctx.scaler is not None and saved.get("scaler") is not None:
+        ctx.scaler.load_state_dict(saved["scaler"])
+    ctx.global_update = saved["global_update"]
+    ctx.meters = dict(saved.get("meters") or {})
+    pos = Position(saved["epoch"], saved["step_in_epoch"], saved["best_top1"], saved["best_epoch"])
+    rng = saved.get("rng") or []
+    if len(rng) == dist_info.world_size:
+        ck.restore_rng(rng[dist_info.rank])
+    else:
+        seed_everything(cfg.train.seed + dist_info.rank + 1000 * ctx.global_update)
+        log.warning(f"Resuming with {dist_info.world_size} processes instead of {len(rng)}: RNG streams reseeded.")
+    if pos.step >= steps_per_epoch:
+        pos.epoch, pos.step = pos.epoch + 1, 0
+    log.info(f"Resumed from {path}: epoch {pos.epoch}, step {pos.step}, update {ctx.global_update}.")
+    return pos
 
-    if dist_info.is_main:
-        (folder.path / "config.yaml").write_text(cfg.dump())
-        params = sum(p.numel() for p in model.parameters())
-        log.info(
-            f"{cfg.model.name}/{cfg.model.norm}: {params / 1e6:.3f}M params | {dist_info.world_size} process(es) on "
-            f"{device.type} | batch {cfg.data.batch_size}/process, {steps_per_epoch} steps/epoch | peak LR "
-            f"{schedule.peak_lr:.4g} | amp {cfg.train.amp} | output {folder.path}"
+
+def announce(cfg: Config, dist_info: du.DistInfo, ctx: TrainContext, steps_per_epoch: int, folder: RunFolder) -> None:
+    """Rank 0: saves the resolved config and logs the run's shape (and a recipe-size warning)."""
+    log = get_logger()
+    (folder.path / "config.yaml").write_text(cfg.dump())
+    params = sum(p.numel() for p in ctx.model.parameters())
+    world, batch, accum = dist_info.world_size, cfg.data.batch_size, cfg.optim.accum_steps
+    log.info(
+        f"{cfg.model.name}/{cfg.model.norm}: {params / 1e6:.3f}M params | {world} process(es) on "
+        f"{dist_info.device.type} | batch {batch}/process, {steps_per_epoch} steps/epoch | peak LR "
+        f"{ctx.schedule.peak_lr:.4g} | amp {cfg.train.amp} | output {folder.path}"
+    )
+    recipe = cfg.dist.recipe_gpus
+    if recipe is not None and recipe != world:
+        log.warning(
+            f"This recipe was written for {recipe} processes x {batch} images = {recipe * batch * accum} per step; "
+            f"with {world} the global batch is {world * batch * accum} and the peak LR {ctx.schedule.peak_lr:.4g} "
+            f"(linear scaling). Published numbers assume the recipe's global batch; to keep it, set "
+            f"data.batch_size={recipe * batch // world} or optim.accum_steps."
         )
-        recipe = cfg.dist.recipe_gpus
-        if recipe is not None and recipe != dist_info.world_size:
-            log.warning(
-                f"This recipe was written for {recipe} processes x {cfg.data.batch_size} images = "
-                f"{recipe * cfg.data.batch_size * accum} per step; with {dist_info.world_size} the global batch is "
-                f"{dist_info.world_size * cfg.data.batch_size * accum} and the peak LR {schedule.peak_lr:.4g} (linear "
-                f"scaling). Published numbers assume the recipe's global batch; to keep it, set "
-                f"data.batch_size={recipe * cfg.data.batch_size // dist_info.world_size} or optim.accum_steps."
-            )
-    tb = TensorBoard(folder.path / "tb", enabled=cfg.log.tensorboard and dist_info.is_main)
-    preempt = du.PreemptionHandler(device, cfg.dist.signal_check_every)
-    last_save = {"time": time.monotonic()}
 
-    def save(epoch: int, step_in_epoch: int, top1_improved: bool = False) -> None:
-        rng = gather_rng(dist_info)
-        if dist_info.is_main:
-            ck.save_atomic(make_checkpoint(cfg, ctx, epoch, step_in_epoch, best, rng), folder.last)
-            if top1_improved:
-                ck.copy_atomic(folder.last, folder.best)
-            if step_in_epoch == 0 and cfg.train.save_every and epoch % cfg.train.save_every == 0:
-                ck.copy_atomic(folder.last, folder.path / f"epoch_{epoch:03d}.pth")
-        last_save["time"] = time.monotonic()
+
+class Checkpointer:
+    """Writes a run's checkpoints: ``last.pth`` (atomically), ``best.pth`` and ``epoch_NNN.pth`` copies.
+
+    :meth:`save` is collective (it gathers every rank's RNG state; rank 0 writes, then all ranks wait), so
+    all ranks call it at the same step. :meth:`timed_hook` refreshes ``last.pth`` inside an epoch every
+    ``train.save_minutes``: rank 0 alone decides and writes, so no rank waits for the clock of another.
+    """
+
+    def __init__(self, cfg: Config, folder: RunFolder, dist_info: du.DistInfo, ctx: TrainContext):
+        self.cfg, self.folder, self.dist_info, self.ctx = cfg, folder, dist_info, ctx
+        self.last_time = time.monotonic()
+
+    def _write(self, epoch: int, step_in_epoch: int, pos: Position, rng: list) -> None:
+        best = {"top1": pos.best_top1, "epoch": pos.best_epoch}
+        ck.save_atomic(make_checkpoint(self.cfg, self.ctx, epoch, step_in_epoch, best, rng), self.folder.last)
+        self.last_time = time.monotonic()
+
+    def save(self, epoch: int, step_in_epoch: int, pos: Position, improved: bool = False) -> None:
+        rng = gather_rng(self.dist_info)
+        if self.dist_info.is_main:
+            self._write(epoch, step_in_epoch, pos, rng)
+            if improved:
+                ck.copy_atomic(self.folder.last, self.folder.best)
+            every = self.cfg.train.save_every
+            if step_in_epoch == 0 and every and epoch % every == 0:
+                ck.copy_atomic(self.folder.last, self.folder.path / f"epoch_{epoch:03d}.pth")
         du.barrier()
 
-    def timed_save(epoch: int):
+    def timed_hook(self, epoch: int, pos: Position) -> Callable[[int], None]:
+        minutes = self.cfg.train.save_minutes
+
         def on_update(step: int) -> None:
-            if cfg.train.save_minutes <= 0 or not dist_info.is_main:
+            if minutes <= 0 or not self.dist_info.is_main or time.monotonic() - self.last_time < minutes * 60:
                 return
-            if time.monotonic() - last_save["time"] < cfg.train.save_minutes * 60:
+            # Never write weights that diverged: check the loss flag and the parameters first.
+            if bool(self.ctx.nonfinite) or not all(torch.isfinite(p).all() for p in self.ctx.model.parameters()):
                 return
-            # Rank 0 alone decides and writes (no collective), after checking that nothing diverged.
-            if bool(ctx.nonfinite) or not all(torch.isfinite(p).all() for p in model.parameters()):
-                return
-            ck.save_atomic(make_checkpoint(cfg, ctx, epoch, step, best, [ck.capture_rng()]), folder.last)
-            last_save["time"] = time.monotonic()
+            self._write(epoch, step, pos, [ck.capture_rng()])
 
         return on_update
 
-    status_info = {"epoch": start_epoch, "output_dir": str(folder.path)}
-    folder.status("running", **status_info)
-    exit_code = 0
+
+def run(cfg: Config, args, dist_info: du.DistInfo) -> int:
+    folder = RunFolder(cfg.train.output_dir, dist_info.is_main)
+    setup_logging(dist_info.rank, folder.path if dist_info.is_main else None)
+    configure_torch(cfg, dist_info.rank)
+    saved, resume_path = find_resume(cfg, args, folder)
+    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    model, ema = build_model_for_training(cfg, dist_info, memory_format)
+    loaders = data.build_loaders(
+        cfg,
+        rank=dist_info.rank,
+        world_size=dist_info.world_size,
+        local_rank=dist_info.local_rank,
+        device=dist_info.device,
+        memory_format=memory_format,
+    )
+    try:
+        steps_per_epoch = usable_steps(cfg, loaders, dist_info)
+        ctx, eval_model = build_context(cfg, dist_info, model, ema, steps_per_epoch, memory_format)
+        pos = Position()
+        if saved is not None:
+            pos = restore(saved, resume_path, cfg, ctx, dist_info, steps_per_epoch)
+            if dist_info.is_main:
+                folder.log.truncate_after(pos.epoch)
+        if dist_info.is_main:
+            announce(cfg, dist_info, ctx, steps_per_epoch, folder)
+        return fit(cfg, dist_info, folder, ctx, loaders, eval_model, steps_per_epoch, pos)
+    finally:
+        loaders.close()
+
+
+def fit(
+    cfg: Config,
+    dist_info: du.DistInfo,
+    folder: RunFolder,
+    ctx: TrainContext,
+    loaders,
+    eval_model: nn.Module,
+    steps_per_epoch: int,
+    pos: Position,
+) -> int:
+    """The epoch loop: train, evaluate, log, checkpoint; stops early on preemption or a non-finite loss."""
+    log = get_logger()
+    tb = TensorBoard(folder.path / "tb", enabled=cfg.log.tensorboard and dist_info.is_main)
+    preempt = du.PreemptionHandler(dist_info.device, cfg.dist.signal_check_every)
+    saver = Checkpointer(cfg, folder, dist_info, ctx)
+    folder.status("running", epoch=pos.epoch, output_dir=str(folder.path))
     try:
         with preempt:
-            for epoch in range(start_epoch, cfg.sched.epochs):
+            for epoch in range(pos.epoch, cfg.sched.epochs):
                 t0 = time.perf_counter()
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(device)
+                if dist_info.device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(dist_info.device)
                 progress = Progress(
                     steps_per_epoch,
                     f"epoch {epoch + 1}/{cfg.sched.epochs}",
                     cfg.log.progress,
                     cfg.log.interval,
                     enabled=dist_info.is_main,
-                    first_step=start_step,
+                    first_step=pos.step,
                 )
                 outcome = train_one_epoch(
                     ctx,
                     loaders.train,
                     epoch,
                     steps_per_epoch,
-                    start_step,
+                    pos.step,
                     should_stop=preempt.should_stop,
-                    on_update=timed_save(epoch),
+                    on_update=saver.timed_hook(epoch, pos),
                     progress=progress,
                     log_interval=cfg.log.interval,
                     on_log=lambda m, step: tb.scalars(m, step, "train/"),
                 )
                 progress.close()
-                start_step = 0
+                pos.epoch, pos.step = epoch, 0
                 if outcome.stopped:
-                    save(epoch, outcome.steps_done)
+                    saver.save(epoch, outcome.steps_done, pos)
                     log.info(f"Preempted: checkpoint written at epoch {epoch}, step {outcome.steps_done}; exiting.")
                     folder.status("preempted", epoch=epoch, step=outcome.steps_done, output_dir=str(folder.path))
                     return du.EXIT_PREEMPTED
-
-                record = {"epoch": epoch + 1, **outcome.metrics}
-                du.distribute_norm_stats(model, cfg.dist.dist_bn)
-                is_last = epoch + 1 == cfg.sched.epochs
-                improved = False
-                if (epoch + 1) % cfg.train.eval_every == 0 or is_last:
-                    probe = AttentionProbe(model) if (cfg.log.an_histograms and tb.writer is not None) else None
-                    val = evaluate(eval_model, loaders.val, device, dtype, cfg.train.val_steps, probe and probe.arm)
-                    if probe is not None:
-                        probe.log(tb, epoch + 1)
-                    record.update({f"val_{k}": v for k, v in val.items()})
-                    if ema is not None:
-                        ema_val = evaluate(ema.module, loaders.val, device, dtype, cfg.train.val_steps)
-                        record.update({f"ema_{k}": v for k, v in ema_val.items()})
-                    improved = val["top1"] > best["top1"]
-                    if improved:
-                        best = {"top1": val["top1"], "epoch": epoch + 1}
-                if dist_info.distributed:
-                    record["ranks_consistent"] = du.ranks_consistent(model)
-                    if not record["ranks_consistent"]:
-                        log.error("The ranks hold different weights after this epoch: the replicas diverged.")
-                record.update(
-                    best_top1=best["top1"],
-                    best_epoch=best["epoch"],
-                    peak_memory_mb=peak_memory_mb(device),
-                    epoch_time=time.perf_counter() - t0,
-                )
-                save(epoch + 1, 0, top1_improved=improved)
+                record = end_of_epoch(cfg, dist_info, ctx, loaders, eval_model, tb, outcome.metrics, epoch, pos)
+                pos.epoch = epoch + 1
+                saver.save(epoch + 1, 0, pos, improved=record["best_epoch"] == epoch + 1)
                 if dist_info.is_main:
-                    folder.log.write(record)
+                    folder.log.write({**record, "epoch_time": time.perf_counter() - t0})
                     tb.scalars({k: v for k, v in record.items() if k != "epoch"}, epoch + 1, "epoch/")
                     tb.flush()
-                    log.info(
-                        f"epoch {epoch + 1}/{cfg.sched.epochs}  loss {record['train_loss']:.4f}  "
-                        + (
-                            f"top1 {record['val_top1']:.2f}  top5 {record['val_top5']:.2f}  "
-                            if "val_top1" in record
-                            else ""
-                        )
-                        + f"best {best['top1']:.2f} (epoch {best['epoch']})  {record['images_per_sec']:.0f} img/s"
-                    )
-                if not is_last and preempt.should_stop(0, force_sync=True):
+                    log.info(epoch_line(cfg, record))
+                if epoch + 1 < cfg.sched.epochs and preempt.should_stop(0, force_sync=True):
                     log.info(f"Preempted at the end of epoch {epoch + 1}; checkpoint written; exiting.")
                     folder.status("preempted", epoch=epoch + 1, step=0, output_dir=str(folder.path))
                     return du.EXIT_PREEMPTED
-
-        summary = summarize(folder, best)
+        summary = summarize(folder, pos)
         if dist_info.is_main:
             (folder.path / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-            log.info(
-                f"Done. best top1 {summary['best_top1']:.2f} (epoch {summary['best_epoch']}), last top1 "
-                f"{summary['last_top1'] if summary['last_top1'] is not None else float('nan'):.2f}"
-            )
+            last = summary["last_top1"] if summary["last_top1"] is not None else float("nan")
+            log.info(f"Done. best top1 {pos.best_top1:.2f} (epoch {pos.best_epoch}), last top1 {last:.2f}")
         folder.status("completed", **summary)
+        return 0
     except NonFiniteLossError as e:
         log.error(str(e))
         folder.status("failed", reason="non-finite loss", message=str(e))
-        exit_code = 1
+        return 1
     finally:
         tb.close()
-        loaders.close()
-    return exit_code
 
 
-def summarize(folder: RunFolder, best: dict) -> dict:
+def end_of_epoch(cfg, dist_info, ctx, loaders, eval_model, tb, metrics, epoch: int, pos: Position) -> dict:
+    """Syncs statistics across ranks, evaluates (raw and EMA), updates the best top-1; returns the log record."""
+    device = dist_info.device
+    record = {"epoch": epoch + 1, **metrics}
+    du.distribute_norm_stats(ctx.model, cfg.dist.dist_bn)
+    if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.sched.epochs:
+        probe = AttentionProbe(ctx.model) if (cfg.log.an_histograms and tb.writer is not None) else None
+        val = evaluate(eval_model, loaders.val, device, ctx.amp, cfg.train.val_steps, probe and probe.arm)
+        if probe is not None:
+            probe.log(tb, epoch + 1)
+        record.update({f"val_{k}": v for k, v in val.items()})
+        if ctx.ema is not None:
+            ema_val = evaluate(ctx.ema.module, loaders.val, device, ctx.amp, cfg.train.val_steps)
+            record.update({f"ema_{k}": v for k, v in ema_val.items()})
+        if val["top1"] > pos.best_top1:
+            pos.best_top1, pos.best_epoch = val["top1"], epoch + 1
+    if dist_info.distributed:
+        record["ranks_consistent"] = du.ranks_consistent(ctx.model)
+        if not record["ranks_consistent"]:
+            get_logger().error("The ranks hold different weights after this epoch: the replicas diverged.")
+    record.update(best_top1=pos.best_top1, best_epoch=pos.best_epoch, peak_memory_mb=peak_memory_mb(device))
+    return record
+
+
+def epoch_line(cfg: Config, r: dict) -> str:
+    val = f"top1 {r['val_top1']:.2f}  top5 {r['val_top5']:.2f}  " if "val_top1" in r else ""
+    return (
+        f"epoch {r['epoch']}/{cfg.sched.epochs}  loss {r['train_loss']:.4f}  {val}"
+        f"best {r['best_top1']:.2f} (epoch {r['best_epoch']})  {r['images_per_sec']:.0f} img/s"
+    )
+
+
+def summarize(folder: RunFolder, pos: Position) -> dict:
     last = {}
     if folder.log.path.exists():
         lines = [json.loads(x) for x in folder.log.path.read_text().splitlines() if x.strip()]
         evaluated = [r for r in lines if r.get("val_top1") is not None]
         last = evaluated[-1] if evaluated else {}
     return {
-        "best_top1": best["top1"],
-        "best_epoch": best["epoch"],
+        "best_top1": pos.best_top1,
+        "best_epoch": pos.best_epoch,
         "last_top1": last.get("val_top1"),
         "last_top5": last.get("val_top5"),
         "last_epoch": last.get("epoch"),
