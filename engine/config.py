@@ -50,7 +50,7 @@ class ModelConfig:
     norm_k: list[int] | None = None  # K per stage; None = the paper's values for the backbone
     an_placement: str | None = None  # ResNet: bn2 (paper) | bn3 | all; None = the backbone's default
     an_attention: Literal["hsigmoid", "sigmoid", "softmax"] = "hsigmoid"
-    an_impl: Literal["auto", "reference", "fused"] = "auto"  # AN kernel implementation (see an/fused.py)
+    an_impl: Literal["auto", "reference", "fused", "compile"] = "auto"  # AN kernel implementation (see an/fused.py)
     gn_groups: int = 32  # groups for gn / an_gn
     # Architecture options.
     zero_init_last: bool | None = None  # zero-init the last norm of residual blocks; None = backbone default

@@ -1,0 +1,265 @@
+"""The ``torch`` backend: PIL decoding in DataLoader worker processes, uint8 batches, normalization on the device.
+
+Each DataLoader item is a whole batch: the sampler hands a worker ``(epoch, sample indices)`` and the
+worker decodes, augments and stacks the images into one uint8 NHWC tensor (no float work and no
+per-sample collate on the CPU). Augmentation draws from a generator seeded by ``(seed, epoch, index)``,
+so batches are bitwise identical whatever the number of workers and wherever an epoch is resumed.
+
+Unreadable files (corrupt, truncated, or not an image) never stop a run:
+
+* training: the sample is replaced by the next readable sample in file order (``index + 1``, ``+ 2``,
+  ... wrapping around), augmented with the original sample's seed, so the batch keeps its size and
+  stays deterministic;
+* validation: the sample is dropped from its batch (a duplicate would bias the accuracy), and
+  :attr:`TorchValLoader.last_pass_skipped` says how many were dropped on this rank in the last pass.
+
+Each bad file is logged once (python ``logging``, warning) by the main process, and counted
+(``skipped_files``).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from data.base import Batch, SkipLog, TrainLoader, ValLoader, feed_device
+from data.folder import DataLoadError, FileTable
+from data.sampling import augment_seed, split_batches, train_shard, val_shard
+from data.transforms import Normalizer, describe_error, eval_transform, load_rgb, train_transform
+
+MAX_REPLACEMENTS = 64  # consecutive unreadable files tolerated before training gives up
+
+
+class FolderBatches(Dataset):
+    """Map-style dataset whose items are whole uint8 batches; the key is ``(epoch, sample indices)``.
+
+    Args:
+        files: the split's files and labels.
+        train: training augmentation (else the eval transform).
+        data_cfg: ``cfg.data`` (img_size, scale, ratio, hflip, interpolation, crop_pct).
+        seed: run seed.
+    """
+
+    def __init__(self, files: FileTable, train: bool, data_cfg: Any, seed: int):
+        self.files = files
+        self.train = train
+        self.seed = seed
+        self.img_size = data_cfg.img_size
+        self.scale = tuple(data_cfg.scale)
+        self.ratio = tuple(data_cfg.ratio)
+        self.hflip = data_cfg.hflip
+        self.interpolation = data_cfg.interpolation
+        self.crop_pct = data_cfg.crop_pct
+        self._bad: dict[int, str] = {}  # per process: files known to be unreadable
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def _decode(self, index: int) -> Image.Image | None:
+        if index in self._bad:
+            return None
+        try:
+            return load_rgb(self.files.path(index))
+        except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
+            self._bad[index] = describe_error(e)
+            return None
+
+    def __getitem__(self, key: tuple[int, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor, list[tuple[str, str]]]:
+        epoch, indices = key
+        n = len(indices)
+        s = self.img_size
+        images = torch.empty((n, s, s, 3), dtype=torch.uint8)
+        out = images.numpy()
+        labels = torch.empty(n, dtype=torch.int64)
+        skipped: list[tuple[str, str]] = []
+        count = 0
+        for index in indices:
+            index = int(index)
+            if self.train:
+                img, label = self._train_sample(index, skipped)
+                rng = random.Random(augment_seed(self.seed, epoch, index))
+                out[count] = train_transform(img, rng, s, self.scale, self.ratio, self.hflip, self.interpolation)
+            else:
+                img = self._decode(index)
+                if img is None:
+                    skipped.append((self.files.path(index), self._bad[index]))
+                    continue
+                label = int(self.files.labels[index])
+                out[count] = eval_transform(img, s, self.crop_pct, self.interpolation)
+            labels[count] = label
+            count += 1
+        if count < n:
+            images, labels = images[:count].clone(), labels[:count].clone()
+        return images, labels, skipped
+
+    def _train_sample(self, index: int, skipped: list[tuple[str, str]]) -> tuple[Image.Image, int]:
+        n = len(self.files)
+        for k in range(min(MAX_REPLACEMENTS, n)):
+            j = (index + k) % n
+            img = self._decode(j)
+            if img is not None:
+                return img, int(self.files.labels[j])
+            skipped.append((self.files.path(j), self._bad[j]))
+        raise DataLoadError(
+            f"{min(MAX_REPLACEMENTS, n)} consecutive training files from {self.files.path(index)} on are unreadable "
+            f"(last error: {skipped[-1][1]}). Run `python tools/check_dataset.py ROOT` to list the bad files."
+        )
+
+
+class _Keys(Sampler):
+    """The batch keys of the current pass; replaced before each ``iter(loader)``."""
+
+    def __init__(self):
+        self.keys: list[tuple[int, np.ndarray]] = []
+
+    def __iter__(self):
+        return iter(self.keys)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def _no_collate(item):
+    return item
+
+
+def _worker_init(_worker_id: int) -> None:
+    torch.set_num_threads(1)  # PIL work; keep torch's intra-op pool from oversubscribing the cores
+
+
+def _make_loader(dataset: FolderBatches, keys: _Keys, data_cfg: Any, device: torch.device) -> DataLoader:
+    workers = data_cfg.workers
+    return DataLoader(
+        dataset,
+        batch_size=None,
+        sampler=keys,
+        num_workers=workers,
+        collate_fn=_no_collate,
+        pin_memory=device.type == "cuda",
+        persistent_workers=workers > 0,
+        prefetch_factor=2 if workers > 0 else None,
+        timeout=float(getattr(data_cfg, "loader_timeout", 0.0)) if workers > 0 else 0.0,
+        worker_init_fn=_worker_init if workers > 0 else None,
+    )
+
+
+def _shutdown(loader: DataLoader | None) -> None:
+    if loader is None:
+        return
+    iterator = getattr(loader, "_iterator", None)
+    shutdown = getattr(iterator, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
+    loader._iterator = None
+
+
+class TorchTrainLoader(TrainLoader):
+    """Training loader of the ``torch`` backend (see the module docstring)."""
+
+    def __init__(self, files: FileTable, data_cfg: Any, *, seed: int, rank: int, world_size: int, steps: int,
+                 device: torch.device, normalizer: Normalizer):
+        self.files = files
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.batch_size = data_cfg.batch_size
+        self.steps_per_epoch = steps
+        self.num_samples = len(files)
+        self.device = device
+        self._normalizer = normalizer
+        self._keys = _Keys()
+        self._skips = SkipLog("training")
+        self._loader: DataLoader | None = _make_loader(
+            FolderBatches(files, True, data_cfg, seed), self._keys, data_cfg, device
+        )
+
+    @property
+    def skipped_files(self) -> int:
+        return len(self._skips.files)
+
+    @property
+    def skipped_file_names(self) -> list[str]:
+        """The unreadable files met so far."""
+        return sorted(self._skips.files)
+
+    def batch_indices(self, epoch: int) -> np.ndarray:
+        """Sample indices of this rank for ``epoch``, shaped ``(steps_per_epoch, batch_size)``."""
+        return train_shard(
+            self.num_samples, self.seed, epoch, self.rank, self.world_size, self.batch_size, self.steps_per_epoch
+        )
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
+        self._check_start(start_step)
+        if self._loader is None:
+            raise RuntimeError("the loader was closed")
+        shard = self.batch_indices(epoch)
+        self._keys.keys = [(epoch, shard[s]) for s in range(start_step, self.steps_per_epoch)]
+        if not self._keys.keys:
+            return
+        yield from feed_device(self._host_batches(), self._normalizer, self.device)
+
+    def _host_batches(self) -> Iterator[Batch]:
+        for images, labels, skipped in self._loader:
+            for path, error in skipped:
+                self._skips.add(path, error, "replaced by the next readable image")
+            yield images, labels
+
+    def close(self) -> None:
+        _shutdown(self._loader)
+        self._loader = None
+
+
+class TorchValLoader(ValLoader):
+    """Validation loader of the ``torch`` backend (see the module docstring)."""
+
+    def __init__(self, files: FileTable, data_cfg: Any, *, rank: int, world_size: int, device: torch.device,
+                 normalizer: Normalizer):
+        self.files = files
+        self.batch_size = data_cfg.eval_batch_size or data_cfg.batch_size
+        self.indices = val_shard(len(files), rank, world_size)
+        self.num_samples = len(self.indices)
+        self.total_samples = len(files)
+        self.device = device
+        self._normalizer = normalizer
+        self._keys = _Keys()
+        self._keys.keys = [(0, b) for b in split_batches(self.indices, self.batch_size)]
+        self._skips = SkipLog("validation")
+        self._last_pass_skipped = 0
+        self._loader: DataLoader | None = None
+        if self.num_samples:
+            self._loader = _make_loader(FolderBatches(files, False, data_cfg, 0), self._keys, data_cfg, device)
+
+    @property
+    def skipped_files(self) -> int:
+        return len(self._skips.files)
+
+    @property
+    def last_pass_skipped(self) -> int:
+        return self._last_pass_skipped
+
+    def __iter__(self) -> Iterator[Batch]:
+        if not self.num_samples:
+            return
+        if self._loader is None:
+            raise RuntimeError("the loader was closed")
+        yield from feed_device(self._host_batches(), self._normalizer, self.device)
+
+    def _host_batches(self) -> Iterator[Batch]:
+        dropped = 0
+        for images, labels, skipped in self._loader:
+            for path, error in skipped:
+                self._skips.add(path, error, "left out of the validation counts")
+            dropped += len(skipped)
+            if len(labels):
+                yield images, labels
+        self._last_pass_skipped = dropped
+
+    def close(self) -> None:
+        _shutdown(self._loader)
+        self._loader = None

@@ -1,0 +1,159 @@
+"""The DALI backends on the CPU (``dali_cpu``): batches, sharding, exact validation, agreement with torch, errors."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+import data
+from data.testing import corrupt_file, make_image_folder
+from engine.config import Config
+
+pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed")
+
+
+def make_cfg(root, backend="dali_cpu", batch_size=2, **data_kw) -> Config:
+    cfg = Config()
+    cfg.data.root = str(root)
+    cfg.data.backend = backend
+    cfg.data.batch_size = batch_size
+    cfg.data.img_size = 16
+    cfg.data.workers = 1
+    cfg.train.seed = 3
+    cfg.model.num_classes = 3
+    for k, v in data_kw.items():
+        setattr(cfg.data, k, v)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return make_image_folder(
+        tmp_path_factory.mktemp("ds"), train_per_class=[5, 4, 4], val_per_class=[3, 2, 2], size=(64, 48)
+    )
+
+
+def collect(iterable):
+    return [(x.clone(), y.clone()) for x, y in iterable]
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_batches_shapes_dtypes_ranges(dataset, fmt):
+    cfg = make_cfg(dataset, eval_batch_size=3)
+    lo = (0 - max(cfg.data.mean)) / min(cfg.data.std)
+    hi = (1 - min(cfg.data.mean)) / min(cfg.data.std)
+    with data.build_loaders(cfg, memory_format=fmt) as ld:
+        batches = collect(ld.train.epoch(0))
+        assert len(batches) == ld.steps_per_epoch == 6
+        for x, y in batches:
+            assert x.shape == (2, 3, 16, 16) and x.dtype == torch.float32 and x.is_contiguous(memory_format=fmt)
+            assert y.dtype == torch.int64 and y.shape == (2,)
+            assert lo - 1e-5 <= x.min() and x.max() <= hi + 1e-5
+        val = collect(ld.val)
+        assert [len(y) for _, y in val] == [3, 3, 1]  # partial last batch, the padding cut off
+        assert all(x.is_contiguous(memory_format=fmt) for x, _ in val)
+        assert sorted(torch.cat([y for _, y in val]).tolist()) == [0, 0, 0, 1, 1, 2, 2]
+
+
+def test_same_shards_as_the_torch_backend(dataset):
+    """Both backends read the same samples at every step (labels here; pixels differ by augmentation)."""
+    for rank in range(2):
+        with data.build_loaders(make_cfg(dataset, "torch"), rank=rank, world_size=2) as t, \
+                data.build_loaders(make_cfg(dataset), rank=rank, world_size=2) as d:
+            assert t.steps_per_epoch == d.steps_per_epoch
+            for epoch in (0, 1):
+                assert torch.equal(
+                    torch.cat([y for _, y in t.train.epoch(epoch)]), torch.cat([y for _, y in d.train.epoch(epoch)])
+                )
+                assert (d.train.batch_indices(epoch) == t.train.batch_indices(epoch)).all()
+            resumed = torch.cat([y for _, y in d.train.epoch(1, start_step=2)])
+            assert torch.equal(resumed, torch.cat([y for _, y in t.train.epoch(1)])[2 * 2 :])
+
+
+def test_validation_every_image_once_across_ranks(dataset):
+    labels, counts = [], []
+    for rank in range(2):
+        with data.build_loaders(make_cfg(dataset, eval_batch_size=2), rank=rank, world_size=2,
+                                build_train=False) as ld:
+            for _ in range(2):  # a second pass starts again at the first image
+                batches = collect(ld.val)
+                assert sum(len(y) for _, y in batches) == ld.val.num_samples
+            counts.append(ld.val.num_samples)
+            labels += torch.cat([y for _, y in batches]).tolist()
+    assert counts == [4, 3] and sorted(labels) == [0, 0, 0, 1, 1, 2, 2]
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+@pytest.mark.parametrize("img_size,crop_pct", [(16, 0.875), (40, 1.0), (56, 0.875)])
+def test_eval_images_match_the_torch_backend(dataset, interpolation, img_size, crop_pct):
+    out = {}
+    for backend in ("torch", "dali_cpu"):
+        cfg = make_cfg(dataset, backend, img_size=img_size, crop_pct=crop_pct, interpolation=interpolation)
+        with data.build_loaders(cfg, build_train=False) as ld:
+            out[backend] = collect(ld.val)
+    x_torch = torch.cat([x for x, _ in out["torch"]])
+    x_dali = torch.cat([x for x, _ in out["dali_cpu"]])
+    assert torch.equal(torch.cat([y for _, y in out["torch"]]), torch.cat([y for _, y in out["dali_cpu"]]))
+    diff = (x_torch - x_dali).abs()
+    grey_level = 1 / (255 * min(make_cfg(dataset).data.std))  # one uint8 step in normalized units
+    # Same decode (libjpeg-turbo), same crop window, same output sizes; resampling kernels differ slightly.
+    assert diff.mean() < 0.25 * grey_level, diff.mean()
+    assert diff.max() <= 2 * grey_level + 1e-6, diff.max()
+
+
+def test_normalization_inside_the_pipeline_matches(dataset):
+    """The GPU path normalizes with crop_mirror_normalize; run that graph on the CPU against the uint8 path."""
+    from data.base import make_normalizer
+    from data.dali import DaliTrainLoader, DaliValLoader
+    from data.folder import scan_split
+
+    cfg = make_cfg(dataset)
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        norm = make_normalizer(cfg.data, torch.device("cpu"), fmt)
+        files = scan_split(dataset, "val").files
+        kw = {"rank": 0, "world_size": 1, "device": torch.device("cpu"), "gpu": False, "device_id": None,
+              "normalizer": norm}
+        a = collect(DaliValLoader(files, cfg.data, normalize_in_pipeline=True, **kw))
+        b = collect(DaliValLoader(files, cfg.data, normalize_in_pipeline=False, **kw))
+        for (xa, ya), (xb, yb) in zip(a, b):
+            assert xa.is_contiguous(memory_format=fmt) and torch.equal(ya, yb)
+            torch.testing.assert_close(xa, xb, atol=1e-5, rtol=0)
+        files = scan_split(dataset, "train").files
+        kw["seed"], kw["steps"] = 0, 2
+        t1 = collect(DaliTrainLoader(files, cfg.data, normalize_in_pipeline=True, **kw).epoch(0))
+        t2 = collect(DaliTrainLoader(files, cfg.data, normalize_in_pipeline=False, **kw).epoch(0))
+        for (xa, _), (xb, _) in zip(t1, t2):
+            torch.testing.assert_close(xa, xb, atol=1e-5, rtol=0)
+
+
+def test_epochs_differ_and_augmentation_is_seeded(dataset):
+    with data.build_loaders(make_cfg(dataset)) as a, data.build_loaders(make_cfg(dataset)) as b:
+        e0, e0b, e1 = collect(a.train.epoch(0)), collect(b.train.epoch(0)), collect(a.train.epoch(1))
+    assert all(torch.equal(x, x2) for (x, _), (x2, _) in zip(e0, e0b))  # same (seed, rank, epoch)
+    assert not all(torch.equal(x, x1) for (x, _), (x1, _) in zip(e0, e1))
+
+
+def test_corrupt_file_names_the_file(tmp_path):
+    root = make_image_folder(tmp_path, train_per_class=2, val_per_class=[2, 1, 1])
+    bad = corrupt_file(root / "val" / "cat" / "cat_1.JPEG")
+    with data.build_loaders(make_cfg(root, eval_batch_size=2), build_train=False) as ld, \
+            pytest.raises(data.DataLoadError) as info:
+        collect(ld.val)
+    message = str(info.value)
+    assert str(bad) in message and "tools/check_dataset.py" in message and str(root) in message
+
+
+def test_dali_gpu_backend_needs_cuda(dataset):
+    with pytest.raises(ValueError, match="dali_cpu"):
+        data.build_loaders(make_cfg(dataset, "dali"), device="cpu")
+
+
+def test_missing_dali_gives_install_hint(dataset, monkeypatch):
+    for name in [m for m in sys.modules if m == "nvidia.dali" or m.startswith("nvidia.dali.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "nvidia.dali", None)  # makes `import nvidia.dali...` fail
+    with pytest.raises(ImportError) as info:
+        data.build_loaders(make_cfg(dataset))
+    assert "pip install nvidia-dali-cuda130" in str(info.value) and "data.backend=torch" in str(info.value)
