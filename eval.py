@@ -104,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             "top1": result["top1"],
             "top5": result["top5"],
             "count": result["count"],
+            "skipped": result["skipped"],
             "loss": result["loss"],
             "model": cfg.model.name,
             "norm": cfg.model.norm,

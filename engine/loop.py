@@ -242,9 +242,12 @@ def evaluate(
     """
     was_training = model.training
     model.eval()
-    stats = torch.zeros(4, dtype=torch.float64, device=device)  # correct@1, correct@5, count, loss sum
+    # correct@1, correct@5, count, loss sum, unreadable images dropped by the loader
+    stats = torch.zeros(5, dtype=torch.float64, device=device)
+    finished = True
     for i, (images, target) in enumerate(loader):
         if max_steps is not None and i >= max_steps:
+            finished = False
             break
         if on_batch is not None:
             on_batch(i)
@@ -258,22 +261,31 @@ def evaluate(
         stats[1] += hit.any(dim=1).sum()
         stats[2] += target.shape[0]
         stats[3] += F.cross_entropy(logits, target, reduction="sum").double()
+    if finished:
+        stats[4] = getattr(loader, "last_pass_skipped", 0)
     du.all_reduce_sum(stats)
     model.train(was_training)
-    correct1, correct5, count, loss_sum = stats.tolist()
-    count = round(count)
+    correct1, correct5, count, loss_sum, skipped = stats.tolist()
+    count, skipped = round(count), round(skipped)
     expected = getattr(loader, "total_samples", None)
-    if max_steps is None and expected is not None and count != expected:
+    if finished and expected is not None and count + skipped != expected:
         raise RuntimeError(
-            f"Validation counted {count} images across ranks but the validation set has {expected}: the "
-            f"loader duplicated or dropped images. This is a bug; please report it with your launch command."
+            f"Validation counted {count} images across ranks (and {skipped} unreadable ones skipped) but the "
+            f"validation set has {expected}: the loader duplicated or dropped images. This is a bug; please "
+            f"report it with your launch command."
+        )
+    if skipped:
+        get_logger().warning(
+            f"Validation skipped {skipped} unreadable image(s): top-1/top-5 are over the {count} readable ones. "
+            f"Run tools/check_dataset.py on the dataset to list and fix them."
         )
     if count == 0:
         get_logger().warning("Validation saw no images.")
-        return {"top1": math.nan, "top5": math.nan, "loss": math.nan, "count": 0}
+        return {"top1": math.nan, "top5": math.nan, "loss": math.nan, "count": 0, "skipped": skipped}
     return {
         "top1": 100.0 * correct1 / count,
         "top5": 100.0 * correct5 / count,
         "loss": loss_sum / count,
         "count": count,
+        "skipped": skipped,
     }

@@ -278,3 +278,26 @@ def test_amp_runs_and_saves_its_scaler(tmp_path, amp):
     assert (last["scaler"] is not None) == (amp == "fp16")  # fp16 needs a grad scaler, bf16 does not
     assert all(v.dtype != torch.float16 for v in last["model"].values())  # weights stay in full precision
     assert read_log(tmp_path / "run")[0]["val_count"] == 21
+
+
+def test_corrupt_images_are_skipped_counted_and_the_run_goes_on(tmp_path, capsys):
+    from data.testing import corrupt_file, make_image_folder
+
+    root = make_image_folder(tmp_path / "ds", train_per_class=6, val_per_class=5, size=(72, 64))
+    corrupt_file(root / "train" / "dog" / "dog_2.JPEG")
+    corrupt_file(root / "val" / "owl" / "owl_1.JPEG", mode="truncate")
+    config = tiny_config(
+        tmp_path,
+        model={"num_classes": 3},
+        data={"backend": "torch", "root": str(root), "batch_size": 4, "workers": 1},
+        sched={"epochs": 1},
+    )
+    assert train.main(["--config", str(config)]) == 0
+    record = read_log(tmp_path / "run")[0]
+    assert record["val_count"] == 14 and record["val_skipped"] == 1  # 15 images, one unreadable
+    text = (tmp_path / "run" / "train.log").read_text()
+    assert "owl_1.JPEG" in text and "dog_2.JPEG" in text and "check_dataset" in text
+    capsys.readouterr()
+    assert eval_script.main(["--checkpoint", str(tmp_path / "run" / "last.pth")]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["count"] == 14 and result["top1"] == record["val_top1"]
