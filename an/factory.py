@@ -8,42 +8,41 @@ from __future__ import annotations
 
 import difflib
 import functools
-import importlib
 import inspect
 from collections.abc import Callable
 
 from torch import nn
 
 from an.attentive import ATTENTION_MODES, DEFAULT_K, AttentiveBatchNorm2d, AttentiveGroupNorm2d, check_groups
+from an.fused import COMPILE_NORMS, FUSED_NORMS
 from an.iebn import IEBatchNorm2d
 from an.switchable import SwitchableNorm2d
 
-__all__ = ["IMPLS", "create_norm", "get_norm_layer", "list_norms"]
+__all__ = ["AUTO_IMPL", "IMPLS", "create_norm", "get_norm_layer", "list_norms"]
 
-IMPLS = ("auto", "reference", "fused")
+IMPLS = ("auto", "reference", "fused", "compile")
+
+# What impl='auto' builds: THE one place to flip. 'reference' until `tools/bench_norm.py --an-impls reference
+# fused compile` on the GPU (batch 256, bf16, channels_last) shows the fused layers faster; then set "fused":
+# fused layers run their Triton kernels on CUDA tensors (and torch versions of the same passes elsewhere).
+AUTO_IMPL = "reference"
 
 
 def _resolve_impl(kind: str, impl: str) -> type[nn.Module]:
     """The AN class for ``impl``; the single place where implementations are chosen.
 
-    Contract for ``an/fused.py``: a dict ``FUSED_NORMS = {'an': cls, 'an_gn': cls}`` of classes with the
-    reference classes' constructor signatures and parameter/buffer names (checkpoints stay interchangeable).
-    'auto' will pick it once it exists and is validated; until then 'auto' is the reference implementation.
+    ``'reference'``: :mod:`an.attentive`. ``'fused'``: :data:`an.fused.FUSED_NORMS` (Triton kernels, two passes
+    over the activation each way). ``'compile'``: :data:`an.fused.COMPILE_NORMS` (plain torch ops for
+    ``torch.compile``). ``'auto'``: :data:`AUTO_IMPL`. All share the reference's parameter and buffer names.
     """
-    reference = {"an": AttentiveBatchNorm2d, "an_gn": AttentiveGroupNorm2d}[kind]
     if impl not in IMPLS:
         raise ValueError(f"{kind}: unknown impl {impl!r}; valid: {', '.join(IMPLS)}")
+    impl = AUTO_IMPL if impl == "auto" else impl
     if impl == "fused":
-        try:
-            fused = importlib.import_module("an.fused")  # optional module, added later
-        except ModuleNotFoundError as e:
-            if e.name != "an.fused":
-                raise
-            raise NotImplementedError(
-                f"{kind}: impl='fused' is not available yet (an/fused.py does not exist); use 'auto' or 'reference'"
-            ) from None
-        return fused.FUSED_NORMS[kind]
-    return reference
+        return FUSED_NORMS[kind]
+    if impl == "compile":
+        return COMPILE_NORMS[kind]
+    return {"an": AttentiveBatchNorm2d, "an_gn": AttentiveGroupNorm2d}[kind]
 
 
 def _bn(num_features: int, *, eps: float = 1e-5, momentum: float | None = 0.1) -> nn.Module:
@@ -138,13 +137,12 @@ def create_norm(name: str, num_features: int, **kwargs) -> nn.Module:
         num_features: Channels C.
         **kwargs: The name's keywords: ``bn``/``sn``/``iebn``: eps, momentum; ``gn``: groups (32), eps;
             ``an``: k (10), attention ('hsigmoid' | 'sigmoid' | 'softmax'), eps, momentum, impl ('auto' |
-            'reference' | 'fused'); ``an_gn``: those of ``an`` plus groups (32).
+            'reference' | 'fused' | 'compile', see ``_resolve_impl``); ``an_gn``: those of ``an`` plus groups (32).
 
     Raises:
         ValueError: Unknown name (with a did-you-mean), bad channel count, K < 1, bad attention, groups
             that do not divide the channels, unknown impl.
         TypeError: A keyword the name does not accept (the valid ones are listed).
-        NotImplementedError: ``impl='fused'`` before ``an/fused.py`` exists.
     """
     key, builder = _lookup(name)
     _check_keywords(key, builder, kwargs)

@@ -142,7 +142,8 @@ def make_norm_layers(
         num_stages: Expected length of ``norm_k`` (default: its default's length, i.e. ``len(norm_k)``).
         stage_name: What one entry of ``norm_k`` is called in error messages.
         an_attention: AN attention activation: ``'hsigmoid'`` | ``'sigmoid'`` | ``'softmax'``.
-        an_impl: AN implementation: ``'auto'`` | ``'reference'`` | ``'fused'``.
+        an_impl: AN implementation: ``'auto'`` | ``'reference'`` | ``'fused'`` (Triton kernels) | ``'compile'``
+            (plain torch ops for torch.compile to fuse); see ``an/factory.py``.
         gn_groups: Groups of GN and AN w/ GN.
         se_reduction: SE reduction ratio (``se`` type).
         se_bias: Whether the SE FCs have biases (``se`` type).

@@ -5,9 +5,16 @@ Shapes (224 input, bn2 of each stage): C=64@56x56, 128@28x28, 256@14x14, 512@7x7
 the layers are timed round-robin and the table reports the median over ``--repeats`` rounds and the ratio
 to BN at the same shape.
 
+With ``--an-impls`` it instead compares AN implementations (``create_norm('an', impl=...)``; ``compile`` is
+wrapped in ``torch.compile``) at the same shapes: forward and forward+backward times, and the achieved GB/s
+counted over the minimum traffic (forward: x read twice + y written = 3 tensors; backward: g and x read twice
++ dx written = 5 tensors; forward+backward 8).
+
 Usage:
     python tools/bench_norm.py --device cpu --batch-size 8 --repeats 20
     python tools/bench_norm.py --device cuda --batch-size 128 --dtype bfloat16 --impl reference
+    python tools/bench_norm.py --device cuda --batch-size 256 --dtype bfloat16 --channels-last \
+        --an-impls reference fused compile
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root, for `import an`
 
 import an
+from an.factory import IMPLS
 
 SHAPES = ((64, 56, 10), (128, 28, 10), (256, 14, 20), (512, 7, 20))  # (channels, spatial size, AN's K)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -45,13 +53,16 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _step(layer: torch.nn.Module, x: torch.Tensor, g: torch.Tensor, device: torch.device) -> float:
-    """Seconds for one forward+backward (autocast to x's dtype when it is not float32)."""
+def _step(
+    layer: torch.nn.Module, x: torch.Tensor, g: torch.Tensor, device: torch.device, backward: bool = True
+) -> float:
+    """Seconds for one forward+backward, or forward only (autocast to x's dtype when it is not float32)."""
     _sync(device)
     t0 = time.perf_counter()
     with torch.autocast(device.type, dtype=x.dtype, enabled=x.dtype != torch.float32):
         y = layer(x)
-    y.backward(g)
+    if backward:
+        y.backward(g)
     _sync(device)
     elapsed = time.perf_counter() - t0
     x.grad = None
@@ -67,6 +78,8 @@ def time_layers(
     repeats: int,
     warmup: int,
     stat: str = "median",
+    memory_format: torch.memory_format = torch.contiguous_format,
+    backward: bool = True,
 ) -> dict[str, float]:
     """Seconds (median or min over rounds) of one forward+backward of each layer on the same input of ``shape``.
 
@@ -81,15 +94,18 @@ def time_layers(
         repeats: Timed rounds.
         warmup: Untimed rounds first.
         stat: ``"median"`` or ``"min"`` (the min is the more robust to other load on a shared machine).
+        memory_format: Of the input and of the output gradient (e.g. ``torch.channels_last``).
+        backward: Time forward+backward (True) or the training-mode forward alone.
     """
     gen = torch.Generator(device="cpu").manual_seed(0)
-    x = torch.randn(shape, generator=gen).to(device=device, dtype=dtype).requires_grad_()
-    g = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
+    x = torch.randn(shape, generator=gen).to(device=device, dtype=dtype, memory_format=memory_format)
+    x.requires_grad_()
+    g = torch.randn(shape, generator=gen).to(device=device, dtype=dtype, memory_format=memory_format)
     layers = {name: layer.to(device).train() for name, layer in layers.items()}
     times: dict[str, list[float]] = {name: [] for name in layers}
     for i in range(warmup + repeats):
         for name, layer in layers.items():
-            t = _step(layer, x, g, device)
+            t = _step(layer, x, g, device, backward)
             if i >= warmup:
                 times[name].append(t)
     reduce = statistics.median if stat == "median" else min
@@ -123,6 +139,35 @@ def run(args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
+def run_an_impls(args: argparse.Namespace) -> str:
+    """Compares AN implementations: markdown table of forward and forward+backward ms and achieved GB/s."""
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    lines = [
+        "| impl | pass | " + " | ".join(f"C={c} @ {s}x{s} (K={k})" for c, s, k in SHAPES) + " |",
+        "|---|---|" + "---|" * len(SHAPES),
+    ]
+    cells: dict[tuple[str, str], list[str]] = {}
+    for c, s, k in SHAPES:
+        torch.manual_seed(0)
+        layers = {impl: an.create_norm("an", c, k=k, impl=impl) for impl in args.an_impls}
+        state = next(iter(layers.values())).state_dict()
+        for impl, layer in layers.items():
+            layer.load_state_dict(state)
+            if impl == "compile":
+                layers[impl] = torch.compile(layer)
+        shape = (args.batch_size, c, s, s)
+        tensor_bytes = args.batch_size * c * s * s * dtype.itemsize
+        for label, backward, passes in (("fwd", False, 3), ("fwd+bwd", True, 8)):
+            times = time_layers(layers, shape, device, dtype, args.repeats, args.warmup, args.stat, fmt, backward)
+            for impl, t in times.items():
+                gbs = passes * tensor_bytes / t / 1e9
+                cells.setdefault((impl, label), []).append(f"{t * 1e3:.3f} ms, {gbs:.0f} GB/s")
+    for (impl, label), row in cells.items():
+        lines.append(f"| {impl} | {label} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
@@ -131,7 +176,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stat", default="median", choices=("median", "min"), help="statistic over the rounds")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--dtype", default="float32", choices=tuple(DTYPES), help="input dtype; autocast if not float32")
-    p.add_argument("--impl", default="auto", choices=("auto", "reference", "fused"), help="AN implementation")
+    p.add_argument("--impl", default="auto", choices=IMPLS, help="AN implementation")
+    p.add_argument(
+        "--an-impls", nargs="+", choices=IMPLS, default=None, help="compare these AN implementations instead of norms"
+    )
+    p.add_argument("--channels-last", action="store_true", help="channels_last input and gradient")
     p.add_argument("--norms", nargs="*", default=None, help=f"subset of {an.list_norms()} (bn is always included)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     return p.parse_args(argv)
@@ -142,12 +191,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"{_cpu_name()}, {os.cpu_count()} CPUs"
+    layout = "channels_last" if args.channels_last else "NCHW"
+    what = f"AN impls {' '.join(args.an_impls)}" if args.an_impls else f"impl {args.impl}"
     print(
         f"torch {torch.__version__}, device {args.device} ({device_name}), threads {torch.get_num_threads()}, "
-        f"batch {args.batch_size}, dtype {args.dtype}, impl {args.impl}; {args.stat} of {args.repeats} round-robin "
-        "rounds of one forward+backward per layer"
+        f"batch {args.batch_size}, dtype {args.dtype}, {layout}, {what}; {args.stat} of {args.repeats} round-robin "
+        "rounds of one iteration per layer"
     )
-    print(run(args))
+    print(run_an_impls(args) if args.an_impls else run(args))
 
 
 if __name__ == "__main__":

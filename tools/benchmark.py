@@ -67,7 +67,7 @@ from engine.optim import Schedule, build_optimizer
 
 PRECISIONS: dict[str, torch.dtype | None] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 AN_NORMS = ("an", "an_gn")  # norms for which --an-impl means something
-AN_IMPLS = ("auto", "reference", "fused")
+AN_IMPLS = ("auto", "reference", "fused", "compile")
 BACKENDS = ("none", *data.BACKENDS)
 MODES = ("train", "infer")
 LR = 1e-3  # the learning rate does not change the speed; a small one keeps random-label training finite
