@@ -53,7 +53,7 @@ def read_log(run_dir: Path) -> list[dict]:
 def test_two_ranks_match_one_process_with_the_double_batch(tmp_path):
     two = tiny_config(tmp_path / "two", **BN_FREE)
     one = tiny_config(tmp_path / "one", data={"batch_size": 16}, **BN_FREE)
-    result = run(torchrun("--standalone", "--nproc_per_node", "2", "train.py", "--config", str(two)))
+    result = run(["bash", "scripts/train.sh", str(two), "2"])  # the single-node launcher: torchrun, 2 workers
     assert result.returncode == 0, result.stdout + result.stderr
     result = run([sys.executable, "train.py", "--config", str(one)])
     assert result.returncode == 0, result.stdout + result.stderr
@@ -67,6 +67,12 @@ def test_two_ranks_match_one_process_with_the_double_batch(tmp_path):
         torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-4, atol=1e-5, msg=k)
     for ra, rb in zip(read_log(tmp_path / "two" / "run"), read_log(tmp_path / "one" / "run")):
         assert ra["val_top1"] == rb["val_top1"]
+
+    # eval.py under torchrun with 2 workers: every image once, the trainer's number.
+    result = run(["bash", "scripts/eval.sh", str(tmp_path / "two" / "run" / "last.pth"), "2"])
+    assert result.returncode == 0, result.stdout + result.stderr
+    evaluated = json.loads(result.stdout.strip().splitlines()[-1])
+    assert evaluated["count"] == 21 and evaluated["world_size"] == 2 and evaluated["top1"] == log[-1]["val_top1"]
 
 
 def worker_pids(agent_pid: int) -> dict[int, int]:

@@ -67,8 +67,14 @@ def test_train_then_eval_reproduces_the_validation_number(tmp_path, capsys):
     assert json.loads((run / "status.json").read_text())["state"] == "completed"
     summary = json.loads((run / "summary.json").read_text())
     assert summary["best_top1"] == max(r["val_top1"] for r in log) and summary["last_top1"] == log[-1]["val_top1"]
-    events = list((run / "tb").glob("events.out.tfevents.*"))
-    assert events and events[0].stat().st_size > 0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tb"), size_guidance={"histograms": 0})
+    events.Reload()
+    histograms = events.Tags()["histograms"]
+    assert len(histograms) == 16 and "an_attention/layer1.0.bn2" in histograms  # one per AN layer of ResNet-50
+    assert len(events.Histograms("an_attention/layer4.2.bn2")) == 2  # every epoch
+    assert {"train/loss", "train/lr", "epoch/val_top1", "epoch/best_top1"} <= set(events.Tags()["scalars"])
 
     best = ck.load_checkpoint(run / "best.pth")
     assert best["config"]["model"]["norm"] == "an" and best["git_rev"] and best["epoch"] == summary["best_epoch"]
@@ -301,3 +307,41 @@ def test_corrupt_images_are_skipped_counted_and_the_run_goes_on(tmp_path, capsys
     assert eval_script.main(["--checkpoint", str(tmp_path / "run" / "last.pth")]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["count"] == 14 and result["top1"] == record["val_top1"]
+
+
+@pytest.mark.slow
+def test_demo_script_end_to_end_on_a_reduced_budget(tmp_path):
+    """The README's main command (minus pip): builds the digits, trains, evaluates, compares the numbers."""
+    env = {**os.environ, "DIGITS_ROOT": str(tmp_path / "digits"), "OMP_NUM_THREADS": "2"}
+    overrides = [f"train.output_dir={tmp_path / 'run'}", "sched.epochs=1", "train.steps_per_epoch=4"]
+    result = subprocess.run(
+        ["bash", str(REPO / "scripts" / "demo.sh"), *overrides],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (tmp_path / "digits" / "train" / "7").is_dir() and (tmp_path / "digits" / "val" / "0").is_dir()
+    assert "eval.py top-1" in result.stdout and ": same" in result.stdout
+    record = read_log(tmp_path / "run")[0]
+    assert record["val_count"] == 359  # every digit of the validation split, exactly once
+
+
+def test_torchrun_dry_run_of_the_paper_config_exactly_as_written(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "IMAGENET_ROOT": str(tmp_path / "nothing")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"]
+    result = subprocess.run(
+        [*cmd, "train.py", "--config", "resnet50_an.yaml", "--dry-run"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert "parameters     25,755," in out and "MACs           4.089G" in out
+    assert "global batch   128 = 128 per GPU x 1 processes x 1" in out and "peak LR        0.05 =" in out
+    assert "train images   1,281,167 (assumed: ImageNet-1k" in out and "10009 per epoch" in out
