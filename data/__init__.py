@@ -146,11 +146,19 @@ def build_loaders(
             steps = train_steps(d.synthetic_train_size, world_size, d.batch_size, cap)
             if steps == 0:
                 raise _too_small(d.synthetic_train_size, world_size, d.batch_size, "data.synthetic_train_size")
-            train = SyntheticTrainLoader(bank, d.synthetic_train_size, batch_size=d.batch_size, seed=seed, rank=rank,
-                                         world_size=world_size, steps=steps)
+            train = SyntheticTrainLoader(
+                bank,
+                d.synthetic_train_size,
+                batch_size=d.batch_size,
+                seed=seed,
+                rank=rank,
+                world_size=world_size,
+                steps=steps,
+            )
         if build_val:
-            val = SyntheticValLoader(bank, d.synthetic_val_size, batch_size=eval_batch, rank=rank,
-                                     world_size=world_size)
+            val = SyntheticValLoader(
+                bank, d.synthetic_val_size, batch_size=eval_batch, rank=rank, world_size=world_size
+            )
         return Loaders(train, val, steps, num_classes, None)
 
     splits = scan_dataset(d.root, need_train=build_train, need_val=build_val)
@@ -171,11 +179,20 @@ def build_loaders(
             from data.torch_loader import TorchTrainLoader, TorchValLoader
 
             if build_train:
-                train = TorchTrainLoader(splits["train"].files, d, seed=seed, rank=rank, world_size=world_size,
-                                         steps=steps, device=device, normalizer=normalizer)
+                train = TorchTrainLoader(
+                    splits["train"].files,
+                    d,
+                    seed=seed,
+                    rank=rank,
+                    world_size=world_size,
+                    steps=steps,
+                    device=device,
+                    normalizer=normalizer,
+                )
             if build_val:
-                val = TorchValLoader(splits["val"].files, d, rank=rank, world_size=world_size, device=device,
-                                     normalizer=normalizer)
+                val = TorchValLoader(
+                    splits["val"].files, d, rank=rank, world_size=world_size, device=device, normalizer=normalizer
+                )
         else:
             from data.dali import DaliTrainLoader, DaliValLoader
 
@@ -188,8 +205,9 @@ def build_loaders(
             device_id = (device.index if device.index is not None else local_rank) if gpu else None
             common = {"device": device, "gpu": gpu, "device_id": device_id, "normalizer": normalizer}
             if build_train:
-                train = DaliTrainLoader(splits["train"].files, d, seed=seed, rank=rank, world_size=world_size,
-                                        steps=steps, **common)
+                train = DaliTrainLoader(
+                    splits["train"].files, d, seed=seed, rank=rank, world_size=world_size, steps=steps, **common
+                )
             if build_val:
                 val = DaliValLoader(splits["val"].files, d, rank=rank, world_size=world_size, **common)
     except BaseException:

@@ -14,8 +14,9 @@ log = logging.getLogger(__name__)
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
-def feed_device(batches: Iterable[Batch], convert: Callable[[torch.Tensor, torch.Tensor], Batch],
-                device: torch.device) -> Iterator[Batch]:
+def feed_device(
+    batches: Iterable[Batch], convert: Callable[[torch.Tensor, torch.Tensor], Batch], device: torch.device
+) -> Iterator[Batch]:
     """Applies ``convert`` (host batch -> device batch) to each batch, one batch ahead on a side stream on CUDA.
 
     On CUDA the copy and normalization of batch k+1 are queued on a side stream while the caller's
@@ -57,7 +58,10 @@ class SkipLog:
             self.files[path] = error
             log.warning(
                 "Skipped unreadable %s image %s (%s); %s. Run tools/check_dataset.py to list all such files.",
-                self.what, path, error, action,
+                self.what,
+                path,
+                error,
+                action,
             )
 
 

@@ -176,8 +176,17 @@ def _find_unreadable(paths: list[str]) -> list[tuple[str, str]]:
 class _DaliRunner:
     """What the DALI train and val loaders share: pipeline options, output conversion and error reports."""
 
-    def __init__(self, files: FileTable, data_cfg: Any, *, gpu: bool, device: torch.device, device_id: int | None,
-                 normalizer: Normalizer, normalize_in_pipeline: bool | None):
+    def __init__(
+        self,
+        files: FileTable,
+        data_cfg: Any,
+        *,
+        gpu: bool,
+        device: torch.device,
+        device_id: int | None,
+        normalizer: Normalizer,
+        normalize_in_pipeline: bool | None,
+    ):
         import_dali("dali" if gpu else "dali_cpu")
         self.files = files
         self.data_cfg = data_cfg
@@ -257,8 +266,9 @@ class _DaliRunner:
         else:
             yield from feed_device(host, self.normalizer, self.device)
 
-    def _decode_error(self, err: RuntimeError, indices: np.ndarray, k: int, batch_size: int,
-                      what: str) -> DataLoadError:
+    def _decode_error(
+        self, err: RuntimeError, indices: np.ndarray, k: int, batch_size: int, what: str
+    ) -> DataLoadError:
         # The failing iteration may be any of those DALI had already queued (prefetch).
         ahead = self.data_cfg.dali_prefetch
         candidates = self.files.paths(indices[k * batch_size : (k + ahead + 1) * batch_size])
@@ -282,17 +292,36 @@ class _DaliRunner:
 class DaliTrainLoader(TrainLoader):
     """Training loader of the ``dali`` / ``dali_cpu`` backends (see the module docstring)."""
 
-    def __init__(self, files: FileTable, data_cfg: Any, *, seed: int, rank: int, world_size: int, steps: int,
-                 device: torch.device, gpu: bool, device_id: int | None, normalizer: Normalizer,
-                 normalize_in_pipeline: bool | None = None):
+    def __init__(
+        self,
+        files: FileTable,
+        data_cfg: Any,
+        *,
+        seed: int,
+        rank: int,
+        world_size: int,
+        steps: int,
+        device: torch.device,
+        gpu: bool,
+        device_id: int | None,
+        normalizer: Normalizer,
+        normalize_in_pipeline: bool | None = None,
+    ):
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
         self.batch_size = data_cfg.batch_size
         self.steps_per_epoch = steps
         self.num_samples = len(files)
-        self._runner = _DaliRunner(files, data_cfg, gpu=gpu, device=device, device_id=device_id,
-                                   normalizer=normalizer, normalize_in_pipeline=normalize_in_pipeline)
+        self._runner = _DaliRunner(
+            files,
+            data_cfg,
+            gpu=gpu,
+            device=device,
+            device_id=device_id,
+            normalizer=normalizer,
+            normalize_in_pipeline=normalize_in_pipeline,
+        )
 
     def batch_indices(self, epoch: int) -> np.ndarray:
         """Sample indices of this rank for ``epoch``, shaped ``(steps_per_epoch, batch_size)``."""
@@ -315,15 +344,33 @@ class DaliTrainLoader(TrainLoader):
 class DaliValLoader(ValLoader):
     """Validation loader of the ``dali`` / ``dali_cpu`` backends (see the module docstring)."""
 
-    def __init__(self, files: FileTable, data_cfg: Any, *, rank: int, world_size: int, device: torch.device,
-                 gpu: bool, device_id: int | None, normalizer: Normalizer, normalize_in_pipeline: bool | None = None):
+    def __init__(
+        self,
+        files: FileTable,
+        data_cfg: Any,
+        *,
+        rank: int,
+        world_size: int,
+        device: torch.device,
+        gpu: bool,
+        device_id: int | None,
+        normalizer: Normalizer,
+        normalize_in_pipeline: bool | None = None,
+    ):
         self.rank = rank
         self.batch_size = data_cfg.eval_batch_size or data_cfg.batch_size
         self.indices = val_shard(len(files), rank, world_size)
         self.num_samples = len(self.indices)
         self.total_samples = len(files)
-        self._runner = _DaliRunner(files, data_cfg, gpu=gpu, device=device, device_id=device_id,
-                                   normalizer=normalizer, normalize_in_pipeline=normalize_in_pipeline)
+        self._runner = _DaliRunner(
+            files,
+            data_cfg,
+            gpu=gpu,
+            device=device,
+            device_id=device_id,
+            normalizer=normalizer,
+            normalize_in_pipeline=normalize_in_pipeline,
+        )
 
     def __iter__(self) -> Iterator[Batch]:
         if not self.num_samples:

@@ -33,8 +33,9 @@ class ImageBank:
         normalizer: turns gathered uint8 batches into normalized float batches.
     """
 
-    def __init__(self, size: int, img_size: int, num_classes: int, seed: int, device: torch.device,
-                 normalizer: Normalizer):
+    def __init__(
+        self, size: int, img_size: int, num_classes: int, seed: int, device: torch.device, normalizer: Normalizer
+    ):
         g = torch.Generator().manual_seed(mix_seed(_BANK_TAG, seed) & ((1 << 63) - 1))
         noise = torch.randint(0, 256, (size, img_size, img_size, 3), dtype=torch.uint8, generator=g)
         colors = torch.randint(0, 256, (num_classes, 3), dtype=torch.uint8, generator=g)
@@ -55,8 +56,9 @@ class ImageBank:
 class SyntheticTrainLoader(TrainLoader):
     """Training batches from an :class:`ImageBank`, sharded and reshuffled like real data."""
 
-    def __init__(self, bank: ImageBank, num_samples: int, *, batch_size: int, seed: int, rank: int,
-                 world_size: int, steps: int):
+    def __init__(
+        self, bank: ImageBank, num_samples: int, *, batch_size: int, seed: int, rank: int, world_size: int, steps: int
+    ):
         self.bank = bank
         self.num_samples = num_samples
         self.batch_size = batch_size

@@ -162,8 +162,18 @@ def _shutdown(loader: DataLoader | None) -> None:
 class TorchTrainLoader(TrainLoader):
     """Training loader of the ``torch`` backend (see the module docstring)."""
 
-    def __init__(self, files: FileTable, data_cfg: Any, *, seed: int, rank: int, world_size: int, steps: int,
-                 device: torch.device, normalizer: Normalizer):
+    def __init__(
+        self,
+        files: FileTable,
+        data_cfg: Any,
+        *,
+        seed: int,
+        rank: int,
+        world_size: int,
+        steps: int,
+        device: torch.device,
+        normalizer: Normalizer,
+    ):
         self.files = files
         self.seed = seed
         self.rank = rank
@@ -218,8 +228,16 @@ class TorchTrainLoader(TrainLoader):
 class TorchValLoader(ValLoader):
     """Validation loader of the ``torch`` backend (see the module docstring)."""
 
-    def __init__(self, files: FileTable, data_cfg: Any, *, rank: int, world_size: int, device: torch.device,
-                 normalizer: Normalizer):
+    def __init__(
+        self,
+        files: FileTable,
+        data_cfg: Any,
+        *,
+        rank: int,
+        world_size: int,
+        device: torch.device,
+        normalizer: Normalizer,
+    ):
         self.files = files
         self.batch_size = data_cfg.eval_batch_size or data_cfg.batch_size
         self.indices = val_shard(len(files), rank, world_size)

@@ -238,8 +238,9 @@ def test_se_resnet50_parameter_totals():
     blocks = {256: 3, 512: 4, 1024: 6, 2048: 3}
 
     def total(bias: bool) -> int:
-        return resnet50 + sum(n * sum(p.numel() for p in an.SqueezeExcite(c, bias=bias).parameters())
-                              for c, n in blocks.items())
+        return resnet50 + sum(
+            n * sum(p.numel() for p in an.SqueezeExcite(c, bias=bias).parameters()) for c, n in blocks.items()
+        )
 
     assert total(True) == 28_088_024
     assert total(False) == 28_071_976

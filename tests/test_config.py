@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from engine import config as C
-from engine.config import ConfigError, apply_overrides, config_from_dict, load_config, parse_override
+from engine.config import ConfigError, config_from_dict, load_config, parse_override
 
 REPO = Path(__file__).resolve().parent.parent
 

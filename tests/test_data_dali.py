@@ -60,8 +60,10 @@ def test_batches_shapes_dtypes_ranges(dataset, fmt):
 def test_same_shards_as_the_torch_backend(dataset):
     """Both backends read the same samples at every step (labels here; pixels differ by augmentation)."""
     for rank in range(2):
-        with data.build_loaders(make_cfg(dataset, "torch"), rank=rank, world_size=2) as t, \
-                data.build_loaders(make_cfg(dataset), rank=rank, world_size=2) as d:
+        with (
+            data.build_loaders(make_cfg(dataset, "torch"), rank=rank, world_size=2) as t,
+            data.build_loaders(make_cfg(dataset), rank=rank, world_size=2) as d,
+        ):
             assert t.steps_per_epoch == d.steps_per_epoch
             for epoch in (0, 1):
                 assert torch.equal(
@@ -75,8 +77,7 @@ def test_same_shards_as_the_torch_backend(dataset):
 def test_validation_every_image_once_across_ranks(dataset):
     labels, counts = [], []
     for rank in range(2):
-        with data.build_loaders(make_cfg(dataset, eval_batch_size=2), rank=rank, world_size=2,
-                                build_train=False) as ld:
+        with data.build_loaders(make_cfg(dataset, eval_batch_size=2), rank=rank, world_size=2, build_train=False) as ld:
             for _ in range(2):  # a second pass starts again at the first image
                 batches = collect(ld.val)
                 assert sum(len(y) for _, y in batches) == ld.val.num_samples
@@ -113,8 +114,14 @@ def test_normalization_inside_the_pipeline_matches(dataset):
     for fmt in (torch.contiguous_format, torch.channels_last):
         norm = make_normalizer(cfg.data, torch.device("cpu"), fmt)
         files = scan_split(dataset, "val").files
-        kw = {"rank": 0, "world_size": 1, "device": torch.device("cpu"), "gpu": False, "device_id": None,
-              "normalizer": norm}
+        kw = {
+            "rank": 0,
+            "world_size": 1,
+            "device": torch.device("cpu"),
+            "gpu": False,
+            "device_id": None,
+            "normalizer": norm,
+        }
         a = collect(DaliValLoader(files, cfg.data, normalize_in_pipeline=True, **kw))
         b = collect(DaliValLoader(files, cfg.data, normalize_in_pipeline=False, **kw))
         for (xa, ya), (xb, yb) in zip(a, b):
@@ -138,8 +145,10 @@ def test_epochs_differ_and_augmentation_is_seeded(dataset):
 def test_corrupt_file_names_the_file(tmp_path):
     root = make_image_folder(tmp_path, train_per_class=2, val_per_class=[2, 1, 1])
     bad = corrupt_file(root / "val" / "cat" / "cat_1.JPEG")
-    with data.build_loaders(make_cfg(root, eval_batch_size=2), build_train=False) as ld, \
-            pytest.raises(data.DataLoadError) as info:
+    with (
+        data.build_loaders(make_cfg(root, eval_batch_size=2), build_train=False) as ld,
+        pytest.raises(data.DataLoadError) as info,
+    ):
         collect(ld.val)
     message = str(info.value)
     assert str(bad) in message and "tools/check_dataset.py" in message and str(root) in message

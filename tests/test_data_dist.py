@@ -52,8 +52,9 @@ def _worker(rank: int, world: int, port: int, root: str, out: str) -> None:
             dist.all_gather_object(all_steps, steps)
             if rank == 0:
                 with open(out, "w") as f:
-                    json.dump({"count": int(count), "total": ld.val.total_samples, "val": all_keys,
-                               "train": all_steps}, f)
+                    json.dump(
+                        {"count": int(count), "total": ld.val.total_samples, "val": all_keys, "train": all_steps}, f
+                    )
     finally:
         dist.destroy_process_group()
 

@@ -33,8 +33,9 @@ def make_cfg(root, backend, **data_kw) -> Config:
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    return make_image_folder(tmp_path_factory.mktemp("ds"), train_per_class=[5, 4, 4], val_per_class=[3, 2, 2],
-                             size=(64, 48))
+    return make_image_folder(
+        tmp_path_factory.mktemp("ds"), train_per_class=[5, 4, 4], val_per_class=[3, 2, 2], size=(64, 48)
+    )
 
 
 def collect(iterable):
@@ -55,8 +56,10 @@ def test_batches_on_cuda(dataset, backend, fmt):
 
 def test_cuda_batches_equal_cpu_batches(dataset):
     """The side-stream copy + on-device normalization gives the CPU loader's values."""
-    with data.build_loaders(make_cfg(dataset, "torch"), device="cuda") as gpu, \
-            data.build_loaders(make_cfg(dataset, "torch"), device="cpu") as cpu:
+    with (
+        data.build_loaders(make_cfg(dataset, "torch"), device="cuda") as gpu,
+        data.build_loaders(make_cfg(dataset, "torch"), device="cpu") as cpu,
+    ):
         for (xg, yg), (xc, yc) in zip(collect(gpu.train.epoch(1)), collect(cpu.train.epoch(1))):
             torch.testing.assert_close(xg.cpu(), xc, atol=1e-6, rtol=0)
             assert torch.equal(yg.cpu(), yc)

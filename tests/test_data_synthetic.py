@@ -65,8 +65,10 @@ def test_reshuffle_resume_and_sharding():
         tail = collect(ld.train.epoch(1, start_step=5))
         assert all(torch.equal(x, xt) and torch.equal(y, yt) for (x, y), (xt, yt) in zip(e1[5:], tail))
         idx_single = ld.train.batch_indices(1)
-    with data.build_loaders(make_cfg(batch_size=2), rank=0, world_size=2) as r0, \
-            data.build_loaders(make_cfg(batch_size=2), rank=1, world_size=2) as r1:
+    with (
+        data.build_loaders(make_cfg(batch_size=2), rank=0, world_size=2) as r0,
+        data.build_loaders(make_cfg(batch_size=2), rank=1, world_size=2) as r1,
+    ):
         i0, i1 = r0.train.batch_indices(1), r1.train.batch_indices(1)
         for step in range(len(idx_single)):
             assert sorted(idx_single[step].tolist()) == sorted(i0[step].tolist() + i1[step].tolist())

@@ -108,12 +108,18 @@ def test_worker_count_does_not_change_batches(dataset):
 
 def test_train_sharding_world2_matches_world1_double_batch(dataset):
     cfg1 = make_cfg(dataset, batch_size=4)
-    with loaders(cfg1) as single, loaders(make_cfg(dataset), rank=0, world_size=2) as r0, \
-            loaders(make_cfg(dataset), rank=1, world_size=2) as r1:
+    with (
+        loaders(cfg1) as single,
+        loaders(make_cfg(dataset), rank=0, world_size=2) as r0,
+        loaders(make_cfg(dataset), rank=1, world_size=2) as r1,
+    ):
         assert single.steps_per_epoch == r0.steps_per_epoch == r1.steps_per_epoch == 13 // 4
         for epoch in (0, 1):
-            s_batches, b0, b1 = collect(single.train.epoch(epoch)), collect(r0.train.epoch(epoch)), \
-                collect(r1.train.epoch(epoch))
+            s_batches, b0, b1 = (
+                collect(single.train.epoch(epoch)),
+                collect(r0.train.epoch(epoch)),
+                collect(r1.train.epoch(epoch)),
+            )
             seen: list[bytes] = []
             for (xs, _), (x0, _), (x1, _) in zip(s_batches, b0, b1):
                 keys = image_keys(torch.cat([x0, x1]))

@@ -90,7 +90,13 @@ def test_torchrun_mode_derives_rendezvous_from_allocation(fake_slurm):
     assert "--rdzv_endpoint=node001:23456" in args  # head = first node; port = 20000 + job id % 20000
     assert "--rdzv_id=123456" in args
     tail = args[args.index(str(REPO / "train.py")) :]
-    assert tail == [str(REPO / "train.py"), "--config", "resnet50_an.yaml", "optim.lr=0.2", "train.output_dir=/shared/runs/r50"]
+    assert tail == [
+        str(REPO / "train.py"),
+        "--config",
+        "resnet50_an.yaml",
+        "optim.lr=0.2",
+        "train.output_dir=/shared/runs/r50",
+    ]
     assert launch_env == {"MASTER_ADDR": "node001", "MASTER_PORT": "23456", "OMP_NUM_THREADS": "4"}
     assert not (tmp / "scontrol.log").exists()  # a clean finish does not requeue
 
@@ -103,7 +109,12 @@ def test_srun_mode_one_task_per_gpu(fake_slurm):
     # SLURM_GPUS_ON_NODE empty: fall back to SLURM_GPUS_PER_NODE in its "type:count" form.
     assert result.returncode == 2  # no GPU count known -> 1 GPU, which mismatches 4 tasks
     result = run_sbatch(
-        env, "resnet50_an.yaml", MODE="srun", SLURM_NTASKS_PER_NODE="4(x2)", SLURM_GPUS_ON_NODE="", SLURM_GPUS_PER_NODE="h100:4"
+        env,
+        "resnet50_an.yaml",
+        MODE="srun",
+        SLURM_NTASKS_PER_NODE="4(x2)",
+        SLURM_GPUS_ON_NODE="",
+        SLURM_GPUS_PER_NODE="h100:4",
     )
     assert result.returncode == 0, result.stderr
     args, launch_env = recorded_args(tmp)

@@ -106,8 +106,9 @@ def test_check_dataset_clean_and_with_problems(tmp_path, capsys):
     corrupt_file(bad / "val" / "dog" / "dog_1.JPEG", "truncate")
     (bad / "train" / "cat" / "notes.txt").write_text("not an image")
     (bad / "train" / "zebra").mkdir()
-    smooth_image(__import__("numpy").random.default_rng(0), 10, 10).save(bad / "train" / "owl" / "png_inside.JPEG",
-                                                                          format="PNG")
+    smooth_image(__import__("numpy").random.default_rng(0), 10, 10).save(
+        bad / "train" / "owl" / "png_inside.JPEG", format="PNG"
+    )
     assert check_dataset.main([str(bad), "--workers", "2"]) == 1
     out = capsys.readouterr().out
     assert "[train] 4 classes, 10 images, 1 unreadable, 1 non-image files, 1 empty classes" in out
@@ -139,10 +140,32 @@ def test_make_digits_structure_and_idempotence(tmp_path, capsys):
 
 def test_bench_loader_and_scripts_run_from_anywhere(tmp_path):
     result = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "bench_loader.py"), "--make-jpegs", str(tmp_path / "jpegs"),
-         "--num-images", "12", "--classes", "3", "--backend", "torch", "--batch-size", "4", "--steps", "2",
-         "--warmup", "1", "--workers", "0", "--img-size", "32"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            str(REPO / "tools" / "bench_loader.py"),
+            "--make-jpegs",
+            str(tmp_path / "jpegs"),
+            "--num-images",
+            "12",
+            "--classes",
+            "3",
+            "--backend",
+            "torch",
+            "--batch-size",
+            "4",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--workers",
+            "0",
+            "--img-size",
+            "32",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout.strip().splitlines()[-1])
@@ -151,6 +174,11 @@ def test_bench_loader_and_scripts_run_from_anywhere(tmp_path):
 
     with Image.open(next((tmp_path / "jpegs" / "train").glob("*/*.JPEG"))) as img:
         assert img.size == bench_loader.JPEG_SIZE and img.format == "JPEG"
-    checked = subprocess.run([sys.executable, str(REPO / "tools" / "check_dataset.py"), str(tmp_path / "jpegs")],
-                             cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    checked = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "check_dataset.py"), str(tmp_path / "jpegs")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert checked.returncode == 0, checked.stdout + checked.stderr

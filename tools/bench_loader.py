@@ -75,8 +75,9 @@ def bench(cfg: Config, device, steps: int, warmup: int, split: str, memory_forma
     """Pulls ``warmup + steps`` batches (several epochs if needed) and times the last ``steps``."""
     import torch
 
-    with data.build_loaders(cfg, device=device, memory_format=memory_format, build_train=split == "train",
-                            build_val=split == "val") as loaders:
+    with data.build_loaders(
+        cfg, device=device, memory_format=memory_format, build_train=split == "train", build_val=split == "val"
+    ) as loaders:
 
         def batches():
             epoch = 0
@@ -151,16 +152,26 @@ def main(argv: list[str] | None = None) -> int:
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     result = bench(cfg, device, args.steps, args.warmup, args.split, memory_format)
     result.update(
-        backend=args.backend, split=args.split, batch_size=args.batch_size, workers=args.workers,
-        img_size=args.img_size, device=str(device), steps=args.steps, warmup=args.warmup,
-        threads=torch.get_num_threads(), torch=torch.__version__, python=platform.python_version(),
+        backend=args.backend,
+        split=args.split,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        img_size=args.img_size,
+        device=str(device),
+        steps=args.steps,
+        warmup=args.warmup,
+        threads=torch.get_num_threads(),
+        torch=torch.__version__,
+        python=platform.python_version(),
     )
     if args.backend.startswith("dali"):
         import nvidia.dali
 
         result["dali"] = nvidia.dali.__version__
-    print(f"{args.backend} ({args.split}, batch {args.batch_size}, {args.workers} workers, {device}): "
-          f"{result['images_per_sec']:.1f} images/s over {result['images']} images in {result['seconds']:.2f} s")
+    print(
+        f"{args.backend} ({args.split}, batch {args.batch_size}, {args.workers} workers, {device}): "
+        f"{result['images_per_sec']:.1f} images/s over {result['images']} images in {result['seconds']:.2f} s"
+    )
     print(json.dumps(result))
     return 0
 

@@ -27,8 +27,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root
 
 from data.folder import IMG_EXTENSIONS, SPLITS, is_image_file, list_classes
 
-_FORMAT_OF_EXT = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".bmp": "BMP", ".tif": "TIFF", ".tiff": "TIFF",
-                  ".webp": "WEBP", ".ppm": "PPM", ".pgm": "PPM", ".pbm": "PPM"}
+_FORMAT_OF_EXT = {
+    ".jpg": "JPEG",
+    ".jpeg": "JPEG",
+    ".png": "PNG",
+    ".bmp": "BMP",
+    ".tif": "TIFF",
+    ".tiff": "TIFF",
+    ".webp": "WEBP",
+    ".ppm": "PPM",
+    ".pgm": "PPM",
+    ".pbm": "PPM",
+}
 
 
 def check_image(path: str) -> tuple[str, str | None, tuple[int, int] | None, str | None, str | None]:
@@ -126,27 +136,37 @@ def main(argv: list[str] | None = None) -> int:
     reports = [scan_split(args.root, split, args.workers) for split in args.splits]
     problems = 0
     for r in reports:
-        print(f"[{r.split}] {len(r.classes)} classes, {r.images} images, {len(r.unreadable)} unreadable, "
-              f"{len(r.not_images)} non-image files, {len(r.empty_classes)} empty classes")
+        print(
+            f"[{r.split}] {len(r.classes)} classes, {r.images} images, {len(r.unreadable)} unreadable, "
+            f"{len(r.not_images)} non-image files, {len(r.empty_classes)} empty classes"
+        )
         for text in r.problems:
             print(f"  problem: {text}")
         if r.unreadable:
-            print(f"  problem: unreadable images (the torch backend skips them, DALI stops on them):\n"
-                  f"{_show([f'{p} ({e})' for p, e in r.unreadable], args.max_list)}")
+            print(
+                f"  problem: unreadable images (the torch backend skips them, DALI stops on them):\n"
+                f"{_show([f'{p} ({e})' for p, e in r.unreadable], args.max_list)}"
+            )
         if r.not_images:
-            print(f"  problem: files that are not images (extensions accepted: {', '.join(IMG_EXTENSIONS)}):\n"
-                  f"{_show(r.not_images, args.max_list)}")
+            print(
+                f"  problem: files that are not images (extensions accepted: {', '.join(IMG_EXTENSIONS)}):\n"
+                f"{_show(r.not_images, args.max_list)}"
+            )
         if r.empty_classes:
             print(f"  problem: class folders without images:\n{_show(r.empty_classes, args.max_list)}")
         if r.format_mismatch:
-            print(f"  note: {len(r.format_mismatch)} files hold another format than their extension says "
-                  f"(both backends decode by content):\n{_show(r.format_mismatch, args.max_list)}")
+            print(
+                f"  note: {len(r.format_mismatch)} files hold another format than their extension says "
+                f"(both backends decode by content):\n{_show(r.format_mismatch, args.max_list)}"
+            )
         other_modes = {m: n for m, n in r.modes.items() if m != "RGB"}
         if other_modes:
             print(f"  note: non-RGB images (converted to RGB when loaded): {dict(sorted(other_modes.items()))}")
         if r.images:
-            print(f"  note: largest image {r.largest[0]}x{r.largest[1]} (DALI hints: "
-                  f"data.dali_preallocate_width / data.dali_preallocate_height)")
+            print(
+                f"  note: largest image {r.largest[0]}x{r.largest[1]} (DALI hints: "
+                f"data.dali_preallocate_width / data.dali_preallocate_height)"
+            )
         problems += len(r.problems) + len(r.unreadable) + len(r.not_images) + len(r.empty_classes)
     by_split = {r.split: r for r in reports}
     if "train" in by_split and "val" in by_split:
@@ -154,8 +174,10 @@ def main(argv: list[str] | None = None) -> int:
         if train and val and train != val:
             problems += 1
             only_train, only_val = sorted(set(train) - set(val)), sorted(set(val) - set(train))
-            print(f"problem: train and val classes differ; only in train: {only_train[:10] or 'none'}, "
-                  f"only in val: {only_val[:10] or 'none'}")
+            print(
+                f"problem: train and val classes differ; only in train: {only_train[:10] or 'none'}, "
+                f"only in val: {only_val[:10] or 'none'}"
+            )
     if problems:
         print(f"FAILED: {problems} problem(s) in {args.root}")
         return 1

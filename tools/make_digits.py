@@ -109,8 +109,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--val-fraction must be in (0, 1)")
     meta = build(args.out, args.size, args.val_fraction, args.seed)
     state = "already complete, nothing to do" if meta["skipped"] else "written"
-    print(f"{args.out}: {meta['train']} train + {meta['val']} val images, 10 classes, "
-          f"{args.size}x{args.size} ({state})")
+    print(
+        f"{args.out}: {meta['train']} train + {meta['val']} val images, 10 classes, {args.size}x{args.size} ({state})"
+    )
     return 0
 
 

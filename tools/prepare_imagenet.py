@@ -179,22 +179,31 @@ def main(argv: list[str] | None = None) -> int:
     else:
         moved = execute(plan)
         print(f"moved {moved} images into {len(classes)} class folders of {args.val_dir}")
-    print(f"{plan.sorted_already} images were already in class folders; {len(set(labels.values()))} classes "
-          f"in the ground truth ({len(labels)} images)")
+    print(
+        f"{plan.sorted_already} images were already in class folders; {len(set(labels.values()))} classes "
+        f"in the ground truth ({len(labels)} images)"
+    )
     if not plan.moves and not plan.conflicts and not plan.unmatched:
         print("nothing to do: the folder is sorted")
     if plan.unmatched:
-        print(f"warning: {len(plan.unmatched)} images are not in the ground truth and were left in place:\n"
-              f"{_show(plan.unmatched)}")
+        print(
+            f"warning: {len(plan.unmatched)} images are not in the ground truth and were left in place:\n"
+            f"{_show(plan.unmatched)}"
+        )
     if plan.missing:
         print(f"warning: {len(plan.missing)} ground-truth images were not found:\n{_show(plan.missing)}")
     if plan.misplaced:
-        print(f"warning: {len(plan.misplaced)} images sit in a class folder that disagrees with the ground truth "
-              f"(not moved):\n{_show([f'{p} (ground truth: {c})' for p, c in plan.misplaced])}")
+        print(
+            f"warning: {len(plan.misplaced)} images sit in a class folder that disagrees with the ground truth "
+            f"(not moved):\n{_show([f'{p} (ground truth: {c})' for p, c in plan.misplaced])}"
+        )
     if plan.conflicts:
-        print(f"error: {len(plan.conflicts)} images were not moved because the destination exists (never "
-              f"overwritten; compare and remove one copy by hand):\n"
-              f"{_show([f'{s} -> {d}' for s, d in plan.conflicts])}", file=sys.stderr)
+        print(
+            f"error: {len(plan.conflicts)} images were not moved because the destination exists (never "
+            f"overwritten; compare and remove one copy by hand):\n"
+            f"{_show([f'{s} -> {d}' for s, d in plan.conflicts])}",
+            file=sys.stderr,
+        )
         return 1
     return 0
 
