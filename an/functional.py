@@ -35,10 +35,15 @@ def compute_dtype(x: Tensor) -> torch.dtype:
     return x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
 
 
+# Device types with an autocast mode. A fixed tuple rather than torch.amp.is_autocast_available(), which
+# torch.compile cannot trace in torch 2.11 (a graph break inside every AN layer).
+AUTOCAST_DEVICES = ("cuda", "cpu", "xpu", "mps", "hpu")
+
+
 def fp32_region(x: Tensor) -> contextlib.AbstractContextManager:
     """A context that turns autocast off for x's device (a no-op when autocast is not active there)."""
     dev = x.device.type
-    if torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev):
+    if dev in AUTOCAST_DEVICES and torch.is_autocast_enabled(dev):
         return torch.autocast(dev, enabled=False)
     return contextlib.nullcontext()
 

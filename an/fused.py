@@ -168,8 +168,8 @@ if triton is not None:
 
     @triton.jit
     def _reduce_kernel(
-        x_ptr, g_ptr, center_ptr, part_ptr, C, HW, NC, CHUNK,
-        GRAD: tl.constexpr, CL: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+        x_ptr, g_ptr, center_ptr, part_ptr, C, HW, NC,
+        CHUNK: tl.constexpr, GRAD: tl.constexpr, CL: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
     ):  # fmt: skip
         # part[0|1, split, n, c] = sums over this program's H*W range of w and w * u, u = x - center[n, c],
         # w = u (statistics) or w = g (GRAD: dL/db and dL/da).
@@ -180,8 +180,10 @@ if triton is not None:
         acc_w = tl.zeros([BLOCK_C, BLOCK_HW], dtype=tl.float32)
         acc_wu = tl.zeros([BLOCK_C, BLOCK_HW], dtype=tl.float32)
         lo = split * CHUNK
-        for hw0 in range(lo, tl.minimum(lo + CHUNK, HW), BLOCK_HW):
-            offs, mask = _tile(n, c, hw0, C, HW, CL, BLOCK_HW)
+        # CHUNK is a multiple of BLOCK_HW and _tile masks positions >= HW, so the loop bounds can be static
+        # (a runtime bound such as min(lo + CHUNK, HW) breaks Triton 3.6's interpreter).
+        for i in range(0, CHUNK, BLOCK_HW):
+            offs, mask = _tile(n, c, lo + i, C, HW, CL, BLOCK_HW)
             u = tl.where(mask, tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) - center, 0.0)
             if GRAD:
                 w = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -195,8 +197,8 @@ if triton is not None:
 
     @triton.jit
     def _affine_kernel(
-        x_ptr, g_ptr, out_ptr, center_ptr, s1_ptr, s0_ptr, a_ptr, C, HW, CHUNK,
-        GRAD: tl.constexpr, CL: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+        x_ptr, g_ptr, out_ptr, center_ptr, s1_ptr, s0_ptr, a_ptr, C, HW,
+        CHUNK: tl.constexpr, GRAD: tl.constexpr, CL: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
     ):  # fmt: skip
         # out = (x - center) * s1 + s0 (+ g * a if GRAD), per-(n, c) coefficients, in out's dtype.
         n = tl.program_id(0)
@@ -208,8 +210,8 @@ if triton is not None:
         if GRAD:
             a = tl.load(a_ptr + nc, mask=c < C, other=0.0)[:, None]
         lo = tl.program_id(2) * CHUNK
-        for hw0 in range(lo, tl.minimum(lo + CHUNK, HW), BLOCK_HW):
-            offs, mask = _tile(n, c, hw0, C, HW, CL, BLOCK_HW)
+        for i in range(0, CHUNK, BLOCK_HW):
+            offs, mask = _tile(n, c, lo + i, C, HW, CL, BLOCK_HW)
             out = (tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) - center) * s1 + s0
             if GRAD:
                 out += tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * a
