@@ -5,8 +5,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Iterator
 
+import numpy as np
 import torch
 
+from data.sampling import train_shard
 from data.transforms import Normalizer
 
 log = logging.getLogger(__name__)
@@ -65,18 +67,41 @@ class SkipLog:
             )
 
 
-class TrainLoader:
+class _Closable:
+    """``close()`` plus context-manager support, for both loader kinds."""
+
+    def close(self) -> None:
+        """Releases worker processes or pipelines; the loader is unusable afterwards."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class TrainLoader(_Closable):
     """Training batches of one rank. Subclasses implement :meth:`epoch`.
 
     Attributes:
         steps_per_epoch: batches per epoch (the same on every rank).
         batch_size: images per batch.
         num_samples: images in the whole training set.
+        seed, rank, world_size: what the epoch's order and this rank's shard derive from.
     """
 
     steps_per_epoch: int
     batch_size: int
     num_samples: int
+    seed: int
+    rank: int
+    world_size: int
+
+    def batch_indices(self, epoch: int) -> np.ndarray:
+        """Sample indices of this rank for ``epoch``, shaped ``(steps_per_epoch, batch_size)``."""
+        return train_shard(
+            self.num_samples, self.seed, epoch, self.rank, self.world_size, self.batch_size, self.steps_per_epoch
+        )
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         """Yields the batches ``start_step .. steps_per_epoch - 1`` of ``epoch`` as device tensors."""
@@ -90,21 +115,12 @@ class TrainLoader:
         """Distinct unreadable files met so far (replaced by other samples)."""
         return 0
 
-    def close(self) -> None:
-        """Releases worker processes or pipelines; the loader is unusable afterwards."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
     def _check_start(self, start_step: int) -> None:
         if not 0 <= start_step <= self.steps_per_epoch:
             raise ValueError(f"start_step must be in [0, {self.steps_per_epoch}], got {start_step}")
 
 
-class ValLoader:
+class ValLoader(_Closable):
     """Validation batches of one rank: every image of this rank's shard once, the last batch partial.
 
     Attributes:
@@ -132,15 +148,6 @@ class ValLoader:
     def last_pass_skipped(self) -> int:
         """Images of this rank dropped as unreadable during the last complete pass."""
         return 0
-
-    def close(self) -> None:
-        """Releases worker processes or pipelines; the loader is unusable afterwards."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def make_normalizer(data_cfg, device: torch.device, memory_format: torch.memory_format) -> Normalizer:

@@ -38,7 +38,7 @@ import torch
 
 from data.base import Batch, TrainLoader, ValLoader, feed_device
 from data.folder import DataLoadError, FileTable
-from data.sampling import dali_seed, train_shard, val_shard
+from data.sampling import dali_seed, val_shard
 from data.transforms import Normalizer, describe_error, eval_resize_size, load_rgb
 
 INSTALL_HINT = (
@@ -321,12 +321,6 @@ class DaliTrainLoader(TrainLoader):
             device_id=device_id,
             normalizer=normalizer,
             normalize_in_pipeline=normalize_in_pipeline,
-        )
-
-    def batch_indices(self, epoch: int) -> np.ndarray:
-        """Sample indices of this rank for ``epoch``, shaped ``(steps_per_epoch, batch_size)``."""
-        return train_shard(
-            self.num_samples, self.seed, epoch, self.rank, self.world_size, self.batch_size, self.steps_per_epoch
         )
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from data.base import Batch, TrainLoader, ValLoader
-from data.sampling import mix_seed, split_batches, train_shard, val_shard
+from data.sampling import mix_seed, split_batches, val_shard
 from data.transforms import Normalizer
 
 _BANK_TAG = 0x5EED_0004
@@ -66,12 +66,6 @@ class SyntheticTrainLoader(TrainLoader):
         self.rank = rank
         self.world_size = world_size
         self.steps_per_epoch = steps
-
-    def batch_indices(self, epoch: int) -> np.ndarray:
-        """Sample indices of this rank for ``epoch``, shaped ``(steps_per_epoch, batch_size)``."""
-        return train_shard(
-            self.num_samples, self.seed, epoch, self.rank, self.world_size, self.batch_size, self.steps_per_epoch
-        )
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         self._check_start(start_step)

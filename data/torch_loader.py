@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from data.base import Batch, SkipLog, TrainLoader, ValLoader, feed_device
 from data.folder import DataLoadError, FileTable
-from data.sampling import augment_seed, split_batches, train_shard, val_shard
+from data.sampling import augment_seed, split_batches, val_shard
 from data.transforms import Normalizer, describe_error, eval_transform, load_rgb, train_transform
 
 MAX_REPLACEMENTS = 64  # consecutive unreadable files tolerated before training gives up
@@ -197,12 +197,6 @@ class TorchTrainLoader(TrainLoader):
     def skipped_file_names(self) -> list[str]:
         """The unreadable files met so far."""
         return sorted(self._skips.files)
-
-    def batch_indices(self, epoch: int) -> np.ndarray:
-        """Sample indices of this rank for ``epoch``, shaped ``(steps_per_epoch, batch_size)``."""
-        return train_shard(
-            self.num_samples, self.seed, epoch, self.rank, self.world_size, self.batch_size, self.steps_per_epoch
-        )
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         self._check_start(start_step)

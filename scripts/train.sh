@@ -18,13 +18,13 @@ if [[ $# -lt 1 || "$1" == "-h" || "$1" == "--help" ]]; then
 fi
 config=$1
 shift
+# shellcheck source=scripts/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 if [[ $# -gt 0 && "$1" =~ ^[0-9]+$ ]]; then
   gpus=$1
   shift
-elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-  gpus=$(nvidia-smi -L | wc -l)
 else
-  gpus=1
+  gpus=$(visible_gpus)
 fi
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)

@@ -6,6 +6,20 @@ from pathlib import Path
 
 import yaml
 
+from engine.config import Config
+
+
+def data_config(root=None, backend: str = "torch", *, seed: int = 3, num_classes: int = 3, **data: object) -> Config:
+    """A Config for loader tests: 16-pixel images, batches of 2, no workers; ``data`` overrides cfg.data fields."""
+    cfg = Config()
+    cfg.data.root = "" if root is None else str(root)
+    cfg.data.backend = backend
+    for key, value in {"batch_size": 2, "img_size": 16, "workers": 0, **data}.items():
+        setattr(cfg.data, key, value)
+    cfg.train.seed = seed
+    cfg.model.num_classes = num_classes
+    return cfg
+
 
 def tiny_config(tmp_path: Path, name: str = "tiny.yaml", **sections) -> Path:
     """A ResNet-50-shaped AN model at 1/8 width on 64x64 synthetic images: a few seconds per epoch."""

@@ -10,22 +10,13 @@ import torch
 import data
 from data.testing import corrupt_file, make_image_folder
 from engine.config import Config
+from tests.conftest import data_config
 
 pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed")
 
 
 def make_cfg(root, backend="dali_cpu", batch_size=2, **data_kw) -> Config:
-    cfg = Config()
-    cfg.data.root = str(root)
-    cfg.data.backend = backend
-    cfg.data.batch_size = batch_size
-    cfg.data.img_size = 16
-    cfg.data.workers = 1
-    cfg.train.seed = 3
-    cfg.model.num_classes = 3
-    for k, v in data_kw.items():
-        setattr(cfg.data, k, v)
-    return cfg
+    return data_config(root, backend, batch_size=batch_size, workers=1, **data_kw)
 
 
 @pytest.fixture(scope="module")

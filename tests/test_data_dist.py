@@ -15,19 +15,11 @@ import torch.multiprocessing as mp
 import data
 from data.testing import make_image_folder
 from engine.config import Config
+from tests.conftest import data_config
 
 
 def make_cfg(root, batch_size) -> Config:
-    cfg = Config()
-    cfg.data.root = str(root)
-    cfg.data.backend = "torch"
-    cfg.data.batch_size = batch_size
-    cfg.data.eval_batch_size = 2
-    cfg.data.img_size = 16
-    cfg.data.workers = 0
-    cfg.train.seed = 11
-    cfg.model.num_classes = 3
-    return cfg
+    return data_config(root, "torch", seed=11, batch_size=batch_size, eval_batch_size=2)
 
 
 def digest(images: torch.Tensor) -> list[str]:

@@ -10,19 +10,11 @@ import data
 from data.folder import FileTable, scan_dataset, scan_split
 from data.testing import make_image_folder
 from engine.config import Config
+from tests.conftest import data_config
 
 
 def make_cfg(root, backend="torch", **data_kw) -> Config:
-    cfg = Config()
-    cfg.data.root = str(root)
-    cfg.data.backend = backend
-    cfg.data.batch_size = 2
-    cfg.data.img_size = 16
-    cfg.data.workers = 0
-    cfg.model.num_classes = 3
-    for k, v in data_kw.items():
-        setattr(cfg.data, k, v)
-    return cfg
+    return data_config(root, backend, **data_kw)
 
 
 @pytest.fixture(scope="module")

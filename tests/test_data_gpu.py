@@ -8,6 +8,7 @@ import torch
 import data
 from data.testing import make_image_folder
 from engine.config import Config
+from tests.conftest import data_config
 
 pytestmark = [
     pytest.mark.gpu,
@@ -16,19 +17,8 @@ pytestmark = [
 
 
 def make_cfg(root, backend, **data_kw) -> Config:
-    cfg = Config()
-    cfg.data.root = str(root)
-    cfg.data.backend = backend
-    cfg.data.batch_size = 4
-    cfg.data.eval_batch_size = 3
-    cfg.data.img_size = 32
-    cfg.data.workers = 2
-    cfg.data.synthetic_train_size = 40
-    cfg.data.synthetic_val_size = 7
-    cfg.model.num_classes = 3
-    for k, v in data_kw.items():
-        setattr(cfg.data, k, v)
-    return cfg
+    sizes = {"batch_size": 4, "eval_batch_size": 3, "img_size": 32, "workers": 2}
+    return data_config(root, backend, synthetic_train_size=40, synthetic_val_size=7, **{**sizes, **data_kw})
 
 
 @pytest.fixture(scope="module")

@@ -7,21 +7,22 @@ import torch
 
 import data
 from engine.config import Config
+from tests.conftest import data_config
 
 
 def make_cfg(train_size=50, val_size=11, batch_size=4, **data_kw) -> Config:
-    cfg = Config()
-    cfg.data.backend = "synthetic"
-    cfg.data.batch_size = batch_size
-    cfg.data.img_size = 12
-    cfg.data.synthetic_train_size = train_size
-    cfg.data.synthetic_val_size = val_size
-    cfg.data.synthetic_bank_size = 16
-    cfg.model.num_classes = 5
-    cfg.train.seed = 1
-    for k, v in data_kw.items():
-        setattr(cfg.data, k, v)
-    return cfg
+    return data_config(
+        None,
+        "synthetic",
+        seed=1,
+        num_classes=5,
+        batch_size=batch_size,
+        img_size=12,
+        synthetic_train_size=train_size,
+        synthetic_val_size=val_size,
+        synthetic_bank_size=16,
+        **data_kw,
+    )
 
 
 def collect(iterable):

@@ -165,3 +165,20 @@ def test_time_limit_signal_is_forwarded_then_job_requeued(fake_slurm):
     assert (tmp / "srun.signals").read_text() == "TERM\n"  # forwarded to the training processes
     assert (tmp / "scontrol.log").read_text() == "requeue 123456\n"
     assert "signal received" in out
+
+
+def test_eval_sbatch_launches_torchrun_on_the_allocation(fake_slurm):
+    env, tmp = fake_slurm
+    script = REPO / "scripts" / "slurm" / "eval.sbatch"
+    result = subprocess.run(
+        ["bash", str(script), "runs/r50/best.pth", "--ema"], env={**env, "DRY_RUN": "1"}, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    assert "torchrun --standalone --nproc_per_node=4" in result.stdout
+    assert f"{REPO / 'eval.py'} --checkpoint runs/r50/best.pth --ema" in result.stdout
+    result = subprocess.run(["bash", str(script), "runs/r50/best.pth"], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    args, _ = recorded_args(tmp)
+    assert args[:3] == ["--kill-on-bad-exit=1", "--ntasks=1", "torchrun"]
+    assert args[-3:] == [str(REPO / "eval.py"), "--checkpoint", "runs/r50/best.pth"]
+    assert subprocess.run(["bash", str(script)], env=env, capture_output=True).returncode == 2
