@@ -345,3 +345,27 @@ def test_torchrun_dry_run_of_the_paper_config_exactly_as_written(tmp_path):
     assert "parameters     25,755," in out and "MACs           4.089G" in out
     assert "global batch   128 = 128 per GPU x 1 processes x 1" in out and "peak LR        0.05 =" in out
     assert "train images   1,281,167 (assumed: ImageNet-1k" in out and "10009 per epoch" in out
+
+
+def test_compiled_training_saves_plain_weights(tmp_path, monkeypatch, capsys):
+    """train.compile wiring (dynamo traces the model; the 'eager' backend skips inductor's slow CPU codegen)."""
+    import functools
+
+    calls = []
+    real_compile = torch.compile
+
+    def compile_eagerly(model, **kwargs):
+        calls.append(type(model).__name__)
+        return real_compile(model, backend="eager", **kwargs)
+
+    monkeypatch.setattr(torch, "compile", functools.wraps(real_compile)(compile_eagerly))
+    config = tiny_config(tmp_path, train={"compile": True}, sched={"epochs": 1}, data={"synthetic_train_size": 16})
+    assert train.main(["--config", str(config)]) == 0
+    assert calls == ["ResNet", "ResNet"]  # the training forward and the evaluation model
+    monkeypatch.undo()
+    last = ck.load_checkpoint(tmp_path / "run" / "last.pth")
+    assert not any(k.startswith(("_orig_mod", "module.")) for k in last["model"])  # raw module's names
+    capsys.readouterr()
+    assert eval_script.main(["--checkpoint", str(tmp_path / "run" / "last.pth")]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["top1"] == read_log(tmp_path / "run")[0]["val_top1"]
