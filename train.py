@@ -410,6 +410,7 @@ def announce(cfg: Config, dist_info: du.DistInfo, ctx: TrainContext, steps_per_e
     """Rank 0: saves the resolved config and logs the run's shape (and a recipe-size warning)."""
     log = get_logger()
     (folder.path / "config.yaml").write_text(cfg.dump())
+    log.info("Resolved config (also in config.yaml):\n" + cfg.dump().rstrip())
     params = sum(p.numel() for p in ctx.model.parameters())
     world, batch, accum = dist_info.world_size, cfg.data.batch_size, cfg.optim.accum_steps
     log.info(

@@ -369,3 +369,59 @@ def test_compiled_training_saves_plain_weights(tmp_path, monkeypatch, capsys):
     assert eval_script.main(["--checkpoint", str(tmp_path / "run" / "last.pth")]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["top1"] == read_log(tmp_path / "run")[0]["val_top1"]
+
+
+class KilledAt:
+    """Wraps a train loader; the process 'dies' (an uncatchable-style exception) while fetching a batch."""
+
+    def __init__(self, inner, epoch: int, at: int):
+        self.inner, self.kill_epoch, self.at = inner, epoch, at
+
+    def epoch(self, epoch: int, start_step: int = 0):
+        for i, batch in enumerate(self.inner.epoch(epoch, start_step=start_step), start=start_step):
+            if epoch == self.kill_epoch and i == self.at:
+                raise KeyboardInterrupt("killed")
+            yield batch
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_a_killed_run_loses_only_the_steps_since_its_timed_checkpoint(tmp_path, monkeypatch):
+    straight = tiny_config(tmp_path / "a")
+    assert train.main(["--config", str(straight)]) == 0
+
+    # save_minutes tiny: last.pth is refreshed after every optimizer step inside the epoch.
+    killed = tiny_config(tmp_path / "b", train={"save_minutes": 1e-9})
+    real_build = data.build_loaders
+
+    def build_killed(*args, **kwargs):
+        loaders = real_build(*args, **kwargs)
+        loaders.train = KilledAt(loaders.train, epoch=1, at=4)
+        return loaders
+
+    monkeypatch.setattr(data, "build_loaders", build_killed)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(["--config", str(killed)])
+    run_b = tmp_path / "b" / "run"
+    mid = ck.load_checkpoint(run_b / "last.pth")
+    assert (mid["epoch"], mid["step_in_epoch"]) == (1, 4)  # the last completed step before the kill
+    monkeypatch.setattr(data, "build_loaders", real_build)
+    assert train.main(["--config", str(killed)]) == 0
+    a = ck.load_checkpoint(tmp_path / "a" / "run" / "last.pth")
+    b = ck.load_checkpoint(run_b / "last.pth")
+    for key in ("model", "optimizer"):
+        assert_same_state(a[key], b[key], key)
+
+
+def test_eval_every_and_periodic_copies(tmp_path):
+    config = tiny_config(
+        tmp_path, sched={"epochs": 3}, train={"eval_every": 2, "save_every": 2}, data={"synthetic_train_size": 16}
+    )
+    assert train.main(["--config", str(config)]) == 0
+    log = read_log(tmp_path / "run")
+    assert [r.get("val_top1") is not None for r in log] == [False, True, True]  # epoch 2, and the last epoch
+    assert log[0]["best_top1"] == -1.0 and log[0]["best_epoch"] == -1
+    assert sorted(p.name for p in (tmp_path / "run").glob("epoch_*.pth")) == ["epoch_002.pth"]
+    assert ck.load_checkpoint(tmp_path / "run" / "epoch_002.pth")["epoch"] == 2
+    assert "Resolved config (also in config.yaml):" in (tmp_path / "run" / "train.log").read_text()
