@@ -26,7 +26,7 @@ from engine import checkpoint as ck
 from engine import distributed as du
 from engine.config import ConfigError, apply_overrides, config_from_dict, load_config, validate_names
 from engine.loop import amp_dtype, evaluate
-from train import build_model, expand_path
+from train import build_loaders, build_model, expand_path, memory_format_of
 
 EXIT_USAGE_ERROR = 2
 
@@ -83,19 +83,8 @@ def main(argv: list[str] | None = None) -> int:
             state = ckpt["model"]
         model = build_model(cfg)
         ck.load_model_state(model, state, ckpt_path)
-        import torch
-
-        memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
-        model = model.to(device=dist_info.device, memory_format=memory_format)
-        loaders = data.build_loaders(
-            cfg,
-            rank=dist_info.rank,
-            world_size=dist_info.world_size,
-            local_rank=dist_info.local_rank,
-            device=dist_info.device,
-            memory_format=memory_format,
-            build_train=False,
-        )
+        model = model.to(device=dist_info.device, memory_format=memory_format_of(cfg))
+        loaders = build_loaders(cfg, dist_info, build_train=False)
         try:
             result = evaluate(model, loaders.val, dist_info.device, amp_dtype(cfg.train.amp))
         finally:

@@ -104,6 +104,23 @@ def build_model(cfg: Config) -> nn.Module:
     )
 
 
+def memory_format_of(cfg: Config) -> torch.memory_format:
+    return torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+
+
+def build_loaders(cfg: Config, dist_info: du.DistInfo, build_train: bool = True):
+    """The config's loaders for this rank (also used by eval.py)."""
+    return data.build_loaders(
+        cfg,
+        rank=dist_info.rank,
+        world_size=dist_info.world_size,
+        local_rank=dist_info.local_rank,
+        device=dist_info.device,
+        memory_format=memory_format_of(cfg),
+        build_train=build_train,
+    )
+
+
 def check_recipe(cfg: Config, source: str) -> None:
     """Cross-key checks that a single key's type cannot express."""
     if (cfg.train.mixup > 0 or cfg.train.cutmix > 0) and cfg.data.batch_size % 2:
@@ -475,16 +492,9 @@ def run(cfg: Config, args, dist_info: du.DistInfo) -> int:
     setup_logging(dist_info.rank, folder.path if dist_info.is_main else None)
     configure_torch(cfg, dist_info.rank)
     saved, resume_path = find_resume(cfg, args, folder)
-    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    memory_format = memory_format_of(cfg)
     model, ema = build_model_for_training(cfg, dist_info, memory_format)
-    loaders = data.build_loaders(
-        cfg,
-        rank=dist_info.rank,
-        world_size=dist_info.world_size,
-        local_rank=dist_info.local_rank,
-        device=dist_info.device,
-        memory_format=memory_format,
-    )
+    loaders = build_loaders(cfg, dist_info)
     try:
         steps_per_epoch = usable_steps(cfg, loaders, dist_info)
         ctx, eval_model = build_context(cfg, dist_info, model, ema, steps_per_epoch, memory_format)
