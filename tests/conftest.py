@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 import yaml
+from torch import nn
+from torch.func import functional_call
 
 from engine.config import Config
 
@@ -51,3 +54,14 @@ def tiny_config(tmp_path: Path, name: str = "tiny.yaml", **sections) -> Path:
     path = tmp_path / name
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+def gradcheck_layer(layer: nn.Module, x: torch.Tensor) -> None:
+    """float64 gradcheck of a layer with respect to its input and every parameter."""
+    names = [n for n, _ in layer.named_parameters()]
+    params = [p.detach().clone().requires_grad_() for _, p in layer.named_parameters()]
+
+    def f(inp, *ps):
+        return functional_call(layer, dict(zip(names, ps)), (inp,))
+
+    assert torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-5, rtol=1e-4)

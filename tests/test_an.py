@@ -10,10 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
 
 import an
 from an.functional import channel_affine, channel_stats
+from tests.conftest import gradcheck_layer
 
 
 @pytest.fixture(autouse=True)
@@ -332,16 +332,6 @@ def test_an_generic_composition_path_matches_fast_path(name):
         torch.testing.assert_close(fast.norm.running_var, slow.norm.running_var)
 
 
-def _gradcheck_layer(layer: nn.Module, x: torch.Tensor) -> None:
-    names = [n for n, _ in layer.named_parameters()]
-    params = [p.detach().clone().requires_grad_() for _, p in layer.named_parameters()]
-
-    def f(inp, *ps):
-        return functional_call(layer, dict(zip(names, ps)), (inp,))
-
-    assert torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-5, rtol=1e-4)
-
-
 @pytest.mark.parametrize("name", ["an", "an_gn"])
 @pytest.mark.parametrize("attention", ["hsigmoid", "softmax"])
 @pytest.mark.parametrize("training", [True, False])
@@ -353,7 +343,7 @@ def test_an_gradcheck(name, attention, training):
         layer.double()
     layer.train(training)  # train mode updates running stats, but its output never reads them
     x = (torch.randn(4, 4, 3, 3, dtype=torch.float64) * 2).requires_grad_()
-    _gradcheck_layer(layer, x)
+    gradcheck_layer(layer, x)
 
 
 def test_functional_ops_grad_and_gradgrad():

@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
 
 import an
+from tests.conftest import gradcheck_layer
 
 
 @pytest.fixture(autouse=True)
@@ -27,16 +27,6 @@ def _train_steps(layer: nn.Module, shape, steps: int = 4, seed: int = 0) -> None
         opt.zero_grad()
         ((layer(x) - torch.randn(shape, generator=gen)) ** 2).mean().backward()
         opt.step()
-
-
-def _gradcheck_layer(layer: nn.Module, x: torch.Tensor) -> None:
-    names = [n for n, _ in layer.named_parameters()]
-    params = [p.detach().clone().requires_grad_() for _, p in layer.named_parameters()]
-
-    def f(inp, *ps):
-        return functional_call(layer, dict(zip(names, ps)), (inp,))
-
-    assert torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-5, rtol=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------- SN
@@ -150,7 +140,7 @@ def test_sn_gradcheck(training):
         layer.var_weight.copy_(torch.tensor([-0.3, 0.5, 0.0]))
         layer.running_var.uniform_(0.5, 2.0)
     layer.train(training)
-    _gradcheck_layer(layer, (torch.randn(4, 4, 3, 3, dtype=torch.float64) * 2).requires_grad_())
+    gradcheck_layer(layer, (torch.randn(4, 4, 3, 3, dtype=torch.float64) * 2).requires_grad_())
 
 
 # ---------------------------------------------------------------------------------------------- IEBN
@@ -213,7 +203,7 @@ def test_iebn_gradcheck(training):
         layer.gate_weight.uniform_(-1, 1)
         layer.norm.running_var.uniform_(0.5, 2.0)
     layer.train(training)
-    _gradcheck_layer(layer, (torch.randn(4, 4, 3, 3, dtype=torch.float64) * 2).requires_grad_())
+    gradcheck_layer(layer, (torch.randn(4, 4, 3, 3, dtype=torch.float64) * 2).requires_grad_())
 
 
 # ---------------------------------------------------------------------------------------------- SE
