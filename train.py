@@ -172,25 +172,6 @@ def an_attention_modules(model: nn.Module) -> dict[str, nn.Module]:
 # ----------------------------------------------------------------------------------------------------
 
 
-def make_checkpoint(cfg: Config, ctx: TrainContext, epoch: int, step_in_epoch: int, best: dict, rng: list) -> dict:
-    return {
-        "model": ctx.model.state_dict(),
-        "ema": ctx.ema.state_dict() if ctx.ema is not None else None,
-        "optimizer": ctx.optimizer.state_dict(),
-        "scaler": ctx.scaler.state_dict() if ctx.scaler is not None else None,
-        "epoch": epoch,
-        "step_in_epoch": step_in_epoch,
-        "global_update": ctx.global_update,
-        "best_top1": best["top1"],
-        "best_epoch": best["epoch"],
-        "meters": dict(ctx.sync_meters()) if step_in_epoch else {},
-        "rng": rng,
-        "config": cfg.to_dict(),
-        "git_rev": ck.git_revision(),
-        "versions": ck.versions(),
-    }
-
-
 def gather_rng(dist_info: du.DistInfo) -> list:
     """Every rank's RNG state, in rank order (collective: all ranks must call it)."""
     state = ck.capture_rng()
@@ -332,7 +313,7 @@ def usable_steps(cfg: Config, loaders, dist_info: du.DistInfo) -> int:
 
 
 def build_context(
-    cfg: Config, dist_info: du.DistInfo, model: nn.Module, ema, steps_per_epoch: int, memory_format
+    cfg: Config, dist_info: du.DistInfo, model: nn.Module, ema, steps_per_epoch: int
 ) -> tuple[TrainContext, nn.Module]:
     """Optimizer, schedule, AMP scaler, DDP/compile wrappers and loss: everything the step loop needs."""
     device = dist_info.device
@@ -379,7 +360,6 @@ def build_context(
         clip_grad=cfg.optim.clip_grad,
         ema=ema,
         mixup_fn=mixup_fn,
-        memory_format=memory_format,
     )
     return ctx, eval_model
 
@@ -456,10 +436,29 @@ class Checkpointer:
     def __init__(self, cfg: Config, folder: RunFolder, dist_info: du.DistInfo, ctx: TrainContext):
         self.cfg, self.folder, self.dist_info, self.ctx = cfg, folder, dist_info, ctx
         self.last_time = time.monotonic()
+        # Provenance cannot change during a run: computed once, not at every save.
+        self.provenance = {"config": cfg.to_dict(), "git_rev": ck.git_revision(), "versions": ck.versions()}
+
+    def state(self, epoch: int, step_in_epoch: int, pos: Position, rng: list) -> dict:
+        """The checkpoint dict (see engine/checkpoint.py for its layout)."""
+        ctx = self.ctx
+        return {
+            "model": ctx.model.state_dict(),
+            "ema": ctx.ema.state_dict() if ctx.ema is not None else None,
+            "optimizer": ctx.optimizer.state_dict(),
+            "scaler": ctx.scaler.state_dict() if ctx.scaler is not None else None,
+            "epoch": epoch,
+            "step_in_epoch": step_in_epoch,
+            "global_update": ctx.global_update,
+            "best_top1": pos.best_top1,
+            "best_epoch": pos.best_epoch,
+            "meters": dict(ctx.sync_meters()) if step_in_epoch else {},
+            "rng": rng,
+            **self.provenance,
+        }
 
     def _write(self, epoch: int, step_in_epoch: int, pos: Position, rng: list) -> None:
-        best = {"top1": pos.best_top1, "epoch": pos.best_epoch}
-        ck.save_atomic(make_checkpoint(self.cfg, self.ctx, epoch, step_in_epoch, best, rng), self.folder.last)
+        ck.save_atomic(self.state(epoch, step_in_epoch, pos, rng), self.folder.last)
         self.last_time = time.monotonic()
 
     def save(self, epoch: int, step_in_epoch: int, pos: Position, improved: bool = False) -> None:
@@ -497,7 +496,7 @@ def run(cfg: Config, args, dist_info: du.DistInfo) -> int:
     loaders = build_loaders(cfg, dist_info)
     try:
         steps_per_epoch = usable_steps(cfg, loaders, dist_info)
-        ctx, eval_model = build_context(cfg, dist_info, model, ema, steps_per_epoch, memory_format)
+        ctx, eval_model = build_context(cfg, dist_info, model, ema, steps_per_epoch)
         pos = Position()
         if saved is not None:
             pos = restore(saved, resume_path, cfg, ctx, dist_info, steps_per_epoch)

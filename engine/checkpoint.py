@@ -24,6 +24,7 @@ import shutil
 import subprocess
 import tempfile
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -122,16 +123,16 @@ def _lists_to_tuples(obj):
 # ----------------------------------------------------------------------------------------------------
 
 
-def save_atomic(obj: dict[str, Any], path: str | os.PathLike) -> Path:
-    """Writes ``obj`` with torch.save to ``path`` through a temporary file and an atomic rename."""
-    path = Path(path)
+def _replace_atomically(path: Path, write: Callable[[str], None]) -> Path:
+    """Runs ``write(tmp)`` on a temporary file next to ``path``, then renames it over ``path`` (atomic on POSIX).
+
+    The temporary file is removed on any failure, so ``path`` is either the old file or the complete new one.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -140,19 +141,21 @@ def save_atomic(obj: dict[str, Any], path: str | os.PathLike) -> Path:
     return path
 
 
+def save_atomic(obj: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Writes ``obj`` with torch.save to ``path`` through a temporary file and an atomic rename."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+
+    return _replace_atomically(Path(path), write)
+
+
 def copy_atomic(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     """Copies a finished checkpoint (e.g. last.pth to best.pth) with the same atomic guarantee."""
-    dst = Path(dst)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
-    os.close(fd)
-    try:
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(dst.parent)
-    return dst
+    return _replace_atomically(Path(dst), lambda tmp: shutil.copyfile(src, tmp))
 
 
 def _fsync_dir(folder: Path) -> None:

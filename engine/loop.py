@@ -60,7 +60,6 @@ class TrainContext:
     clip_grad: float | None = None
     ema: ModelEma | None = None
     mixup_fn: Callable | None = None
-    memory_format: torch.memory_format = torch.contiguous_format
     global_update: int = 0  # optimizer steps done so far (the schedule's clock)
     nonfinite: torch.Tensor | None = None  # device flag: set when any loss was not finite
     meters: dict[str, float] = field(default_factory=dict)  # running sums of the current epoch (resumable)
@@ -129,7 +128,7 @@ def train_one_epoch(
         ctx.nonfinite = torch.zeros((), dtype=torch.bool, device=ctx.device)
     ctx.loss_sum = torch.tensor(ctx.meters["loss_sum"], dtype=torch.float64, device=ctx.device)
     accum = ctx.accum_steps
-    is_ddp = isinstance(model, nn.parallel.DistributedDataParallel) or hasattr(model, "no_sync")
+    is_ddp = hasattr(model, "no_sync")  # DDP, also behind torch.compile's wrapper
     step = start_step
     t_last = time.perf_counter()
     window_loss, window_steps = torch.zeros((), device=ctx.device), 0

@@ -4,12 +4,25 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 from torch import nn
 from torch.func import functional_call
 
 from engine.config import Config
+
+
+@pytest.fixture
+def single_thread():
+    """One intra-op thread for tiny tensors: as fast, and immune to OpenMP stalls on a busy shared CPU.
+
+    Test modules opt in with ``pytestmark = pytest.mark.usefixtures("single_thread")``.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def data_config(root=None, backend: str = "torch", *, seed: int = 3, num_classes: int = 3, **data: object) -> Config:

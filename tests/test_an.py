@@ -15,14 +15,7 @@ import an
 from an.functional import channel_affine, channel_stats
 from tests.conftest import gradcheck_layer
 
-
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny tensors: one thread is as fast, and immune to a busy machine's oversubscription."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 SHAPES = [(4, 32, 5, 5), (2, 64, 7, 7), (3, 32, 1, 1)]

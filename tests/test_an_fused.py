@@ -24,12 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SHAPES = [(4, 8, 5, 5), (3, 16, 4, 6), (2, 8, 1, 1)]
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def make_pair(name: str, c: int, impl: str = "fused", seed: int = 0, **kwargs) -> tuple[nn.Module, nn.Module]:

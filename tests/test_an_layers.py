@@ -8,14 +8,7 @@ from torch import nn
 import an
 from tests.conftest import gradcheck_layer
 
-
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny tensors: one thread is as fast, and immune to a busy machine's oversubscription."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _train_steps(layer: nn.Module, shape, steps: int = 4, seed: int = 0) -> None:

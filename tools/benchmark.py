@@ -199,7 +199,6 @@ def _train_runner(
     forward_model: nn.Module,
     dtype: torch.dtype | None,
     device: torch.device,
-    memory_format: torch.memory_format,
     batches: Iterator,
     batch_size: int,
     stats: dict,
@@ -215,7 +214,6 @@ def _train_runner(
         loss_fn=nn.CrossEntropyLoss(),
         device=device,
         amp=dtype,
-        memory_format=memory_format,
     )
     source = StepSource(batches)
     source.batch_size = batch_size
@@ -358,7 +356,7 @@ def benchmark_row(
 
         stats: dict[str, Any] = {}
         if mode == "train":
-            run = _train_runner(net, forward_model, dtype, device, memory_format, batches, batch_size, stats)
+            run = _train_runner(net, forward_model, dtype, device, batches, batch_size, stats)
         else:
             run = _infer_runner(forward_model, dtype, device, batches, stats)
 
