@@ -3,7 +3,7 @@
 Reference: J. Hu, L. Shen and G. Sun, "Squeeze-and-Excitation Networks", CVPR 2018. ``s = sigmoid(W2 relu(W1
 GAP(u)))`` with W1: C -> C/r, W2: C/r -> C, output ``u * s``. The FCs are 1x1 convolutions so a model's
 conv init applies to them. ``bias=False`` gives the bias-free variant (SE-ResNet-50: 28.09M parameters with
-biased FCs, 28.07M without; AN_SPEC section 7). Placement in a block is the backbone's business.
+biased FCs, 28.07M without; ``docs/AN.md`` section 8). Placement in a block is the backbone's business.
 """
 
 from __future__ import annotations

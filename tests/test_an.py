@@ -1,6 +1,6 @@
 """Tests of the norm factory and of Attentive Normalization (an/factory.py, an/attentive.py, an/functional.py).
 
-The AN references below are written from AN_SPEC section 1.1 with explicit formulas and a Python loop over K,
+The AN references below are written from ``docs/AN.md`` section 1.1 with explicit formulas and a Python loop over K,
 independently of the vectorised implementation.
 """
 

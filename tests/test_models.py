@@ -80,7 +80,7 @@ def test_every_norm_trains(name):
                 assert p.grad.abs().sum() > 0, f"{name}/{norm}: {lname}.{pname} got a zero gradient"
 
 
-# Exact counts of this implementation at 1000 classes; the paper's figure (AN_SPEC 4) is checked to 0.1%.
+# Exact counts of this implementation at 1000 classes; the paper's figure (docs/AN.md 5) is checked to 0.1%.
 PARAMS = [
     ("resnet18", "bn", {}, 11_689_512, None),
     ("resnet34", "bn", {}, 21_797_672, 21.798e6),
@@ -284,7 +284,7 @@ def test_mac_counts():
     assert count_macs(meta("resnet50")) == 4_089_184_256
     assert count_macs(meta("resnet50", "an")) == 4_089_184_256  # AN keeps the MACs
     assert abs(count_macs(meta("mobilenetv2")) - 300.77e6) < 0.01e6
-    assert abs(count_macs(meta("aognet12m"), norm_cost=4) - 2.175e9) < 0.005e9  # AN_SPEC 5.4: thop 2.17-2.18G
+    assert abs(count_macs(meta("aognet12m"), norm_cost=4) - 2.175e9) < 0.005e9  # docs/AN.md 3.1: thop 2.17-2.18G
     m = create_model("resnet18", **small("resnet18")).train()
     count_macs(m, 64)
     assert m.training and m.layer1.training  # mode restored

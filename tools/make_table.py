@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # (table, backbone label, model name, norm, paper params (M), paper GFLOPs, top-1 err, top-5 err, quoted?)
-# AN_SPEC 4.1 (normal: 120 epochs, MobileNetV2 150) and 4.2 (advanced: 200 epochs + label smoothing + mixup).
+# docs/AN.md 5.1 (normal: 120 epochs, MobileNetV2 150) and 5.2 (advanced: 200 epochs + label smoothing + mixup).
 PAPER_ROWS = [
     ("normal", "ResNet-50", "resnet50", "bn", 25.56, 4.09, 23.01, 6.68, False),
     ("normal", "ResNet-50", "resnet50", "gn", 25.56, 4.09, 23.52, 6.85, True),

@@ -5,9 +5,9 @@ one 224x224 image: "GMACs" is conv + linear (torchvision's and the paper's conve
 adds 4 operations per norm output element, as thop does (the AN authors' counter). Models are built on the
 meta device (no memory, a few seconds in all); ``--device cpu`` builds real ones instead.
 
-Paper figures (AN_SPEC 4): the AOGNet-v2 README table (120-epoch setup), the refactor's model zoo for exact
-parameter counts (ResNet-34, the ResNet-50 placements, bias-free SE, DenseNet-121-AN), and AN_SPEC 4.2 for
-the deep-stem ("-D") ResNets. Rows without a paper figure show "-".
+Paper figures (``docs/AN.md`` 5): the AOGNet-v2 README table (120-epoch setup, 5.1), the refactor's model zoo
+for exact parameter counts (ResNet-34, the ResNet-50 placements, bias-free SE, DenseNet-121-AN; 5.3), and the
+deep-stem ("-D") ResNets' counts built from the official code (4.2). Rows without a paper figure show "-".
 
 Usage:
     python tools/model_stats.py                               # every model x norm, plus the variant rows
@@ -48,7 +48,7 @@ class Row:
     paper_gflops: float | None = None
 
 
-# (model, norm) -> (paper params in M, paper FLOPs in G); AN_SPEC 4.1 / 4.3.
+# (model, norm) -> (paper params in M, paper FLOPs in G); docs/AN.md 5.1 / 5.3.
 PAPER = {
     ("resnet34", "bn"): (21.798, None),
     ("resnet34", "an"): (21.996, None),
