@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from an.checks import check_int
+
 __all__ = ["SqueezeExcite"]
 
 
@@ -24,8 +26,7 @@ class SqueezeExcite(nn.Module):
 
     def __init__(self, channels: int, reduction: int = 16, bias: bool = True) -> None:
         super().__init__()
-        if isinstance(reduction, bool) or not isinstance(reduction, int) or reduction < 1:
-            raise ValueError(f"SqueezeExcite: reduction must be an integer >= 1, got {reduction!r}")
+        check_int("SqueezeExcite", "reduction", reduction)
         hidden = max(1, channels // reduction)
         self.fc1 = nn.Conv2d(channels, hidden, kernel_size=1, bias=bias)
         self.act = nn.ReLU(inplace=True)

@@ -30,6 +30,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root, for `import models`
 
+import an
 import models
 from models.stats import mac_breakdown
 
@@ -55,7 +56,6 @@ PAPER = {
     ("resnet50", "bn"): (25.557, 4.09),
     ("resnet50", "gn"): (25.56, 4.09),
     ("resnet50", "sn"): (25.56, None),
-    ("resnet50", "se"): (28.09, None),
     ("resnet50", "an"): (25.755, 4.09),
     ("resnet101", "bn"): (44.549, 8.12),
     ("resnet101", "an"): (45.001, 8.12),
@@ -69,9 +69,10 @@ PAPER = {
 }
 
 VARIANTS = [
-    Row("resnet50", "se", {"se_bias": False}, "se_bias=False", 28.072),
-    Row("resnet50", "an", {"an_placement": "bn3"}, "an_placement=bn3", 26.349),
-    Row("resnet50", "an", {"an_placement": "all"}, "an_placement=all", 26.947),
+    Row("resnet50", "bn", {"attn_layer": "se"}, "attn_layer=se", 28.09),
+    Row("resnet50", "bn", {"attn_layer": "se", "attn_kwargs": {"bias": False}}, "attn_layer=se, bias=False", 28.072),
+    Row("resnet50", "an", {"norm_placement": "bn3"}, "norm_placement=bn3", 26.349),
+    Row("resnet50", "an", {"norm_placement": "all"}, "norm_placement=all", 26.947),
     Row("resnet50", "bn", D, "-D (deep stem, avg down)", 25.576, 4.09),
     Row("resnet50", "an", D, "-D (deep stem, avg down)", 25.775, 4.09),
     Row("resnet101", "bn", D, "-D (deep stem, avg down)", 44.568, 8.12),
@@ -83,7 +84,7 @@ def all_rows() -> list[Row]:
     """Every model x norm (with paper figures attached), then the variant rows after their base model."""
     rows = []
     for name in models.list_models():
-        for norm in models.list_norm_types():
+        for norm in an.list_norms():
             rows.append(Row(name, norm, {}, "", *PAPER.get((name, norm), (None, None))))
         rows += [v for v in VARIANTS if v.model == name]
     return rows
@@ -158,12 +159,12 @@ def main(argv: list[str] | None = None) -> int:
         and (not args.paper_only or r.paper_params_m is not None or r.paper_gflops is not None)
     ]
     if not rows:
-        print(f"no rows match; models: {', '.join(models.list_models())}; norms: {', '.join(models.list_norm_types())}")
+        print(f"no rows match; models: {', '.join(models.list_models())}; norms: {', '.join(an.list_norms())}")
         return 2
     t0 = time.perf_counter()
     if args.matrix:
         names = [n for n in models.list_models() if _matches(n, args.models)]
-        norms = [n for n in models.list_norm_types() if _matches(n, args.norms)]
+        norms = [n for n in an.list_norms() if _matches(n, args.norms)]
         rows = [Row(m, n) for m in names for n in norms]
         print(matrix(names, norms, args.device, args.img_size))
     else:
