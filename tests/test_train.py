@@ -287,7 +287,7 @@ def test_amp_runs_and_saves_its_scaler(tmp_path, amp):
 
 
 def test_corrupt_images_are_skipped_counted_and_the_run_goes_on(tmp_path, capsys):
-    from data.testing import corrupt_file, make_image_folder
+    from tests.image_folders import corrupt_file, make_image_folder
 
     root = make_image_folder(tmp_path / "ds", train_per_class=6, val_per_class=5, size=(72, 64))
     corrupt_file(root / "train" / "dog" / "dog_2.JPEG")
