@@ -92,6 +92,8 @@ def begin_epoch(ctx: TrainContext, start_step: int) -> None:
 def train_step(ctx: TrainContext, images: torch.Tensor, target: torch.Tensor, step: int) -> dict[str, Any]:
     """Trains on one batch; the optimizer steps after every ``ctx.accum_steps``-th batch.
 
+    Call :func:`begin_epoch` at the start of each epoch first (it readies the running sums this step adds to).
+
     Args:
         step: index of this batch in the epoch (an epoch is a whole number of accumulation rounds).
 
