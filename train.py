@@ -161,18 +161,10 @@ def run(cfg: Config, args, dist_info: du.DistInfo) -> int:
             pos = restore(saved, resume_path, cfg, ctx, dist_info, steps)
             if dist_info.is_main:
                 folder.log.truncate_after(pos.epoch)
-        r = Run(
-            cfg=cfg,
-            dist_info=dist_info,
-            folder=folder,
-            ctx=ctx,
-            loaders=loaders,
-            eval_model=eval_model,
-            steps_per_epoch=steps,
-            tb=TensorBoard(folder.path / "tb", enabled=cfg.log.tensorboard and dist_info.is_main),
-            preempt=du.PreemptionHandler(dist_info.device, cfg.dist.signal_check_every),
-            saver=Checkpointer(cfg, folder, dist_info, ctx),
-        )
+        tb = TensorBoard(folder.path / "tb", enabled=cfg.log.tensorboard and dist_info.is_main)
+        preempt = du.PreemptionHandler(dist_info.device, cfg.dist.signal_check_every)
+        saver = Checkpointer(cfg, folder, dist_info, ctx)
+        r = Run(cfg, dist_info, folder, ctx, loaders, eval_model, steps, tb, preempt, saver)
         if dist_info.is_main:
             announce(r)
         try:

@@ -92,23 +92,31 @@ def worker_pids(agent_pid: int) -> dict[int, int]:
     return found
 
 
+def start_two_ranks(config: Path, until: str) -> tuple[subprocess.Popen, list[str], dict[int, int]]:
+    """Starts ``train.py --config config`` under torchrun with 2 workers and waits until ``until`` is in train.log.
+
+    Returns the torchrun process, its command line and the workers' pids by rank.
+    """
+    cmd = torchrun("--standalone", "--nproc_per_node", "2", "train.py", "--config", str(config))
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log_file = config.parent / "run" / "train.log"
+    deadline = time.time() + 180
+    while not (log_file.exists() and until in log_file.read_text()):
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.time() < deadline, f"training never logged {until!r}"
+        time.sleep(0.05)
+    pids = worker_pids(proc.pid)
+    assert sorted(pids) == [0, 1]
+    return proc, cmd, pids
+
+
 def test_sigterm_to_one_rank_stops_all_ranks_at_the_same_step_and_resumes_exactly(tmp_path):
     sections = {"data": {"synthetic_train_size": 480}, "log": {"interval": 1, "progress": "lines"}}
     straight = tiny_config(tmp_path / "a", **sections)
     result = run(torchrun("--standalone", "--nproc_per_node", "2", "train.py", "--config", str(straight)))
     assert result.returncode == 0, result.stdout + result.stderr
 
-    config = tiny_config(tmp_path / "b", **sections)
-    cmd = torchrun("--standalone", "--nproc_per_node", "2", "train.py", "--config", str(config))
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    log_file = tmp_path / "b" / "run" / "train.log"
-    deadline = time.time() + 180
-    while not (log_file.exists() and "epoch 1/2 [4/30]" in log_file.read_text()):
-        assert proc.poll() is None, proc.stdout.read()
-        assert time.time() < deadline, "training never reached step 4"
-        time.sleep(0.05)
-    pids = worker_pids(proc.pid)
-    assert sorted(pids) == [0, 1]
+    proc, cmd, pids = start_two_ranks(tiny_config(tmp_path / "b", **sections), until="epoch 1/2 [4/30]")
     os.kill(pids[1], signal.SIGTERM)  # only rank 1 is told; rank 0 must stop at the same step
     out, _ = proc.communicate(timeout=180)
     assert "exitcode  : 75" in out or "exitcode: 75" in out.replace(" ", ""), out
@@ -146,16 +154,7 @@ def test_hard_kill_between_timed_checkpoints_of_two_ranks_resumes_bitwise(tmp_pa
     assert result.returncode == 0, result.stdout + result.stderr
 
     config = tiny_config(tmp_path / "b", **sections)
-    cmd = torchrun("--standalone", "--nproc_per_node", "2", "train.py", "--config", str(config))
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    log_file = tmp_path / "b" / "run" / "train.log"
-    deadline = time.time() + 180
-    while not (log_file.exists() and "epoch 1/2 [8/30]" in log_file.read_text()):  # past the saves at 3 and 6
-        assert proc.poll() is None, proc.stdout.read()
-        assert time.time() < deadline, "training never reached step 8"
-        time.sleep(0.05)
-    pids = worker_pids(proc.pid)
-    assert sorted(pids) == [0, 1]
+    proc, cmd, pids = start_two_ranks(config, until="epoch 1/2 [8/30]")  # past the timed saves at steps 3 and 6
     for pid in (pids[0], pids[1], proc.pid):  # the whole job dies at once, as when a node is lost
         os.kill(pid, signal.SIGKILL)
     proc.communicate(timeout=60)
