@@ -24,9 +24,9 @@ from pathlib import Path
 import data
 from engine import checkpoint as ck
 from engine import distributed as du
+from engine.build import build_loaders, build_model, expand_path, memory_format_of
 from engine.config import ConfigError, apply_overrides, config_from_dict, load_config, validate_model
 from engine.loop import amp_dtype, evaluate
-from train import build_loaders, build_model, expand_path, memory_format_of
 
 EXIT_USAGE_ERROR = 2
 

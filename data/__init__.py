@@ -36,6 +36,7 @@ __all__ = [
     "ValLoader",
     "build_loaders",
     "count_train_images",
+    "steps_per_epoch",
     "train_shard",
     "val_shard",
 ]
@@ -83,6 +84,16 @@ def count_train_images(cfg: Any) -> int:
     return count_images(cfg.data.root, "train")
 
 
+def steps_per_epoch(cfg: Any, num_train: int, world_size: int) -> int:
+    """Training steps per epoch per rank of ``cfg`` on ``num_train`` images and ``world_size`` processes.
+
+    The loaders, the schedule and ``train.py --dry-run`` all take the number from here: whole global
+    batches, at most ``train.steps_per_epoch``, rounded down to whole optimizer steps of
+    ``optim.accum_steps`` batches (:func:`data.sampling.train_steps`).
+    """
+    return train_steps(num_train, world_size, cfg.data.batch_size, cfg.train.steps_per_epoch, cfg.optim.accum_steps)
+
+
 def _check_args(cfg: Any, rank: int, world_size: int) -> None:
     if cfg.data.backend not in BACKENDS:
         raise ValueError(f"Unknown data.backend '{cfg.data.backend}'; valid backends: {', '.join(BACKENDS)}.")
@@ -90,11 +101,12 @@ def _check_args(cfg: Any, rank: int, world_size: int) -> None:
         raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
 
 
-def _too_small(n: int, world_size: int, batch_size: int, where: str) -> DatasetError:
+def _too_small(cfg: Any, n: int, world_size: int, where: str) -> DatasetError:
+    batch, accum = cfg.data.batch_size, cfg.optim.accum_steps
     return DatasetError(
-        f"The training set ({n} images, {where}) is smaller than one global batch ({batch_size} per process x "
-        f"{world_size} processes = {batch_size * world_size}): no training step fits in an epoch. "
-        f"Lower data.batch_size."
+        f"The training set ({n} images, {where}) is smaller than one global batch ({batch} per process x "
+        f"{world_size} processes x {accum} accumulation steps = {batch * world_size * accum}): no optimizer step "
+        f"fits in an epoch. Lower data.batch_size or optim.accum_steps."
     )
 
 
@@ -112,8 +124,8 @@ def build_loaders(
     """Builds the training and validation loaders of one process.
 
     Args:
-        cfg: the run's config; reads ``cfg.data.*``, ``cfg.train.seed``, ``cfg.train.steps_per_epoch`` and
-            ``cfg.model.num_classes`` (synthetic data).
+        cfg: the run's config; reads ``cfg.data.*``, ``cfg.train.seed``, ``cfg.train.steps_per_epoch``,
+            ``cfg.optim.accum_steps`` and ``cfg.model.num_classes`` (synthetic data).
         rank: global rank (decides the shard).
         world_size: number of processes.
         local_rank: rank on this node (decides the GPU of a DALI pipeline when ``device`` has no index).
@@ -132,7 +144,6 @@ def build_loaders(
     seed = cfg.train.seed
     normalizer = make_normalizer(d, device, memory_format)
     eval_batch = d.eval_batch_size or d.batch_size
-    cap = cfg.train.steps_per_epoch
 
     if d.backend == "synthetic":
         from data.synthetic import ImageBank, SyntheticTrainLoader, SyntheticValLoader
@@ -143,9 +154,9 @@ def build_loaders(
         train = val = None
         steps = 0
         if build_train:
-            steps = train_steps(d.synthetic_train_size, world_size, d.batch_size, cap)
+            steps = steps_per_epoch(cfg, d.synthetic_train_size, world_size)
             if steps == 0:
-                raise _too_small(d.synthetic_train_size, world_size, d.batch_size, "data.synthetic_train_size")
+                raise _too_small(cfg, d.synthetic_train_size, world_size, "data.synthetic_train_size")
             train = SyntheticTrainLoader(
                 bank,
                 d.synthetic_train_size,
@@ -168,9 +179,9 @@ def build_loaders(
     steps = 0
     if build_train:
         n = splits["train"].num_samples
-        steps = train_steps(n, world_size, d.batch_size, cap)
+        steps = steps_per_epoch(cfg, n, world_size)
         if steps == 0:
-            raise _too_small(n, world_size, d.batch_size, str(splits["train"].folder))
+            raise _too_small(cfg, n, world_size, str(splits["train"].folder))
 
     train: TrainLoader | None = None
     val: ValLoader | None = None

@@ -4,7 +4,8 @@ Training: the order of an epoch is a permutation of all ``n`` samples drawn from
 same on every rank. Rank ``r`` of ``W`` takes positions ``r, r + W, r + 2W, ...`` of it, and step ``s``
 of rank ``r`` is the ``s``-th block of ``B`` of those. So at step ``s`` the ``W`` ranks together read
 positions ``[s*W*B, (s+1)*W*B)`` of the permutation: world size 2 with batch B sees the same global
-batches as world size 1 with batch 2B. The ragged end is dropped; every rank has ``n // (W*B)`` steps.
+batches as world size 1 with batch 2B. The ragged end is dropped; every rank has the same number of
+steps, :func:`train_steps`.
 
 Validation: rank ``r`` takes samples ``r, r + W, ...`` of the sorted file list: every image exactly
 once over all ranks, no padding (ranks may differ by one image).
@@ -67,10 +68,16 @@ def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.argsort(keys, kind="stable")
 
 
-def train_steps(n: int, world_size: int, batch_size: int, cap: int | None = None) -> int:
-    """Training steps per epoch per rank: ``n // (world_size * batch_size)``, at most ``cap``."""
+def train_steps(n: int, world_size: int, batch_size: int, cap: int | None = None, accum_steps: int = 1) -> int:
+    """Training steps (batches) per epoch per rank: the one place this number is computed.
+
+    ``n // (world_size * batch_size)``, at most ``cap``, rounded down to a multiple of ``accum_steps`` so
+    that an epoch ends on an optimizer step (no accumulated gradient leaks into the next epoch).
+    """
     steps = n // (world_size * batch_size)
-    return min(steps, cap) if cap is not None else steps
+    if cap is not None:
+        steps = min(steps, cap)
+    return steps - steps % accum_steps
 
 
 def train_shard(

@@ -78,6 +78,13 @@ def versions() -> dict[str, str]:
 # ----------------------------------------------------------------------------------------------------
 
 
+def seed_everything(seed: int) -> None:
+    """Seeds Python's, NumPy's and torch's global generators (torch's seeds every CUDA device too)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
 def capture_rng() -> dict[str, Any]:
     np_state = np.random.get_state()
     state: dict[str, Any] = {

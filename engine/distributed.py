@@ -126,15 +126,6 @@ def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def broadcast_object(obj, src: int = 0):
-    """Sends a picklable object from ``src`` to every rank."""
-    if not is_initialized():
-        return obj
-    holder = [obj]
-    dist.broadcast_object_list(holder, src=src)
-    return holder[0]
-
-
 @torch.no_grad()
 def distribute_norm_stats(model: torch.nn.Module, mode: str = "reduce") -> None:
     """Makes running statistics identical on every rank (before evaluation and checkpointing).
@@ -178,12 +169,13 @@ def ranks_consistent(module: torch.nn.Module) -> bool:
 
 
 class PreemptionHandler:
-    """Catches SIGTERM and SIGUSR1 and lets all ranks agree to stop at the same step.
+    """Catches SIGTERM and SIGUSR1 and lets all ranks agree to stop, or to checkpoint, at the same step.
 
-    The handler only sets a local flag. :meth:`should_stop` is called by the loop every
-    ``check_every`` steps; it all-reduces the flag (MAX), so if any rank was signalled, every rank
-    returns True at the same step boundary, writes its part of the checkpoint and exits with
-    :data:`EXIT_PREEMPTED`.
+    The handler only sets a local flag. Every ``check_every`` optimizer steps (:meth:`is_check_step`) the
+    loop calls :meth:`agree`: one small all-reduce (MAX) of [this rank was signalled, this rank asks for a
+    timed checkpoint]. So if any rank was signalled, every rank stops at the same step boundary, writes
+    its part of the checkpoint and exits with :data:`EXIT_PREEMPTED`; and when rank 0's clock says a
+    timed checkpoint is due, every rank saves at the same step (the save gathers every rank's RNG state).
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -210,9 +202,18 @@ class PreemptionHandler:
     def _handle(self, signum, frame) -> None:
         self.received = signum
 
-    def should_stop(self, step: int, force_sync: bool = False) -> bool:
+    def is_check_step(self, update: int) -> bool:
+        """True every ``check_every`` optimizer steps: the steps at which :meth:`agree` is called."""
+        return update % self.check_every == 0
+
+    def agree(self, save_due: bool = False) -> tuple[bool, bool]:
+        """``(stop, save)``, identical on every rank: any rank signalled, any rank asked to save (collective)."""
+        flags = torch.tensor([float(self.received is not None), float(save_due)], device=self.device)
+        stop, save = all_reduce_max(flags).tolist()
+        return stop > 0, save > 0
+
+    def should_stop(self, update: int, force_sync: bool = False) -> bool:
         """True on every rank once any rank has been signalled (checked every ``check_every`` steps)."""
-        if not force_sync and step % self.check_every != 0:
+        if not force_sync and not self.is_check_step(update):
             return False
-        flag = torch.tensor([1.0 if self.received is not None else 0.0], device=self.device)
-        return bool(all_reduce_max(flag).item() > 0)
+        return self.agree()[0]

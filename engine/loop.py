@@ -1,8 +1,9 @@
-"""The training step loop and the evaluation loop.
+"""The training step and the evaluation loop.
 
-``train_one_epoch`` runs one epoch (or its remainder after a resume) and returns averages;
-``evaluate`` returns exact top-1/top-5 over every validation image, counted across ranks. The AMP,
-DDP, accumulation, clipping and EMA decisions are all visible here, in order.
+:func:`train_step` trains on one batch and returns a dict (no callbacks): the AMP, DDP, accumulation,
+clipping and EMA decisions are all visible there, in order. The epoch loop around it, with logging,
+timed checkpoints and preemption checks, is ``train.py``'s ``train_one_epoch``. :func:`evaluate`
+returns exact top-1/top-5 over every validation image, counted across ranks.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine import distributed as du
-from engine.logging import Progress, get_logger
+from engine.logs import get_logger
 from engine.optim import ModelEma, Schedule, lr_at, set_lr
 
 
@@ -46,7 +47,7 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 
 @dataclass
 class TrainContext:
-    """What the step loop needs; built once by train.py."""
+    """What the training step needs, and the state it advances; built by ``engine.build.build_train_context``."""
 
     model: nn.Module  # the raw module (weights, state dicts, EMA source)
     forward_model: nn.Module  # what runs the training forward: DDP and/or torch.compile wrapper of `model`
@@ -64,6 +65,7 @@ class TrainContext:
     nonfinite: torch.Tensor | None = None  # device flag: set when any loss was not finite
     meters: dict[str, float] = field(default_factory=dict)  # running sums of the current epoch (resumable)
     loss_sum: torch.Tensor | None = None  # device accumulator of this epoch's loss (synced into meters on demand)
+    step_end: float = 0.0  # perf_counter() when the previous step ended: the wait for the next batch is data time
 
     def sync_meters(self) -> dict[str, float]:
         """Copies the device loss accumulator into ``meters`` (one sync) and returns them."""
@@ -72,19 +74,82 @@ class TrainContext:
         return self.meters
 
 
-@dataclass
-class EpochOutcome:
-    metrics: dict[str, float]
-    steps_done: int  # steps of this epoch done when the function returned
-    stopped: bool  # True when preemption asked every rank to stop
+def begin_epoch(ctx: TrainContext, start_step: int) -> None:
+    """Readies ``ctx`` for an epoch that starts at ``start_step``.
+
+    The epoch's running sums restart at step 0 and are kept when resuming mid-epoch (they came from the
+    checkpoint), so a resumed epoch logs what an unbroken one would.
+    """
+    ctx.forward_model.train()
+    if start_step == 0 or not ctx.meters:
+        ctx.meters = {"loss_sum": 0.0, "steps": 0.0, "images": 0.0, "data_time": 0.0, "time": 0.0}
+    if ctx.nonfinite is None:
+        ctx.nonfinite = torch.zeros((), dtype=torch.bool, device=ctx.device)
+    ctx.loss_sum = torch.tensor(ctx.meters["loss_sum"], dtype=torch.float64, device=ctx.device)
+    ctx.step_end = time.perf_counter()
 
 
-def _new_meters() -> dict[str, float]:
-    return {"loss_sum": 0.0, "steps": 0.0, "images": 0.0, "data_time": 0.0, "time": 0.0}
+def train_step(ctx: TrainContext, images: torch.Tensor, target: torch.Tensor, step: int) -> dict[str, Any]:
+    """Trains on one batch; the optimizer steps after every ``ctx.accum_steps``-th batch.
+
+    Call :func:`begin_epoch` at the start of each epoch first (it readies the running sums this step adds to).
+
+    Args:
+        step: index of this batch in the epoch (an epoch is a whole number of accumulation rounds).
+
+    Returns:
+        ``loss`` (a detached device tensor: reading it syncs), ``updated`` (True when the optimizer
+        stepped) and ``images`` (the batch size).
+    """
+    t_start = time.perf_counter()
+    ctx.meters["data_time"] += t_start - ctx.step_end
+    model = ctx.forward_model
+    update = (step + 1) % ctx.accum_steps == 0
+    if ctx.mixup_fn is not None:
+        images, target = ctx.mixup_fn(images, target)
+    # Gradients of the micro-batches before the last are only accumulated locally: no DDP all-reduce.
+    skip_sync = not update and hasattr(model, "no_sync")  # DDP, also behind torch.compile's wrapper
+    with model.no_sync() if skip_sync else contextlib.nullcontext():
+        with autocast(ctx.device, ctx.amp):
+            logits = model(images)
+        loss = ctx.loss_fn(logits.float(), target)
+        scaled = loss / ctx.accum_steps if ctx.accum_steps > 1 else loss
+        if ctx.scaler is not None:
+            ctx.scaler.scale(scaled).backward()
+        else:
+            scaled.backward()
+    loss = loss.detach()
+    ctx.nonfinite |= ~torch.isfinite(loss)
+    ctx.loss_sum += loss
+    if update:
+        optimizer_step(ctx)
+    ctx.meters["steps"] += 1
+    ctx.meters["images"] += images.shape[0]
+    ctx.step_end = time.perf_counter()
+    ctx.meters["time"] += ctx.step_end - t_start
+    return {"loss": loss, "updated": update, "images": images.shape[0]}
+
+
+def optimizer_step(ctx: TrainContext) -> None:
+    """LR of the schedule for this update, unscale and clip, step, zero the gradients, EMA, count the update."""
+    set_lr(ctx.optimizer, lr_at(ctx.global_update, ctx.schedule))
+    if ctx.clip_grad is not None:
+        if ctx.scaler is not None:
+            ctx.scaler.unscale_(ctx.optimizer)
+        torch.nn.utils.clip_grad_norm_(ctx.model.parameters(), ctx.clip_grad)
+    if ctx.scaler is not None:
+        ctx.scaler.step(ctx.optimizer)
+        ctx.scaler.update()
+    else:
+        ctx.optimizer.step()
+    ctx.optimizer.zero_grad(set_to_none=True)
+    if ctx.ema is not None:
+        ctx.ema.update(ctx.model)
+    ctx.global_update += 1
 
 
 def check_finite(ctx: TrainContext, epoch: int, step: int) -> None:
-    """Raises NonFiniteLossError on every rank if any rank saw a non-finite loss (one device sync)."""
+    """Raises NonFiniteLossError on every rank if any rank saw a non-finite loss (collective, one device sync)."""
     if ctx.nonfinite is None:
         return
     flag = du.all_reduce_max(ctx.nonfinite.detach().float().clone())
@@ -98,120 +163,27 @@ def check_finite(ctx: TrainContext, epoch: int, step: int) -> None:
         )
 
 
-def train_one_epoch(
-    ctx: TrainContext,
-    train_loader,
-    epoch: int,
-    steps_per_epoch: int,
-    start_step: int = 0,
-    *,
-    should_stop: Callable[[int], bool] = lambda update: False,
-    on_update: Callable[[int], None] = lambda step: None,
-    progress: Progress | None = None,
-    log_interval: int = 50,
-    on_log: Callable[[dict[str, float], int], None] | None = None,
-) -> EpochOutcome:
-    """Trains from ``start_step`` to ``steps_per_epoch`` of ``epoch``.
+class LossWindow:
+    """Mean training loss over the steps since the last :meth:`read` (summed on the device: reading syncs once)."""
 
-    Args:
-        should_stop: called after each optimizer step with the update count; True stops the epoch at
-            this step boundary (preemption), with ``stopped=True`` in the outcome.
-        on_update: called after each optimizer step with the number of steps done in this epoch
-            (timed checkpoints hook in here).
-        on_log: called every ``log_interval`` steps with instantaneous metrics and the global update.
-    """
-    model = ctx.forward_model
-    model.train()
-    if start_step == 0 or not ctx.meters:
-        ctx.meters = _new_meters()
-    if ctx.nonfinite is None:
-        ctx.nonfinite = torch.zeros((), dtype=torch.bool, device=ctx.device)
-    ctx.loss_sum = torch.tensor(ctx.meters["loss_sum"], dtype=torch.float64, device=ctx.device)
-    accum = ctx.accum_steps
-    is_ddp = hasattr(model, "no_sync")  # DDP, also behind torch.compile's wrapper
-    step = start_step
-    t_last = time.perf_counter()
-    window_loss, window_steps = torch.zeros((), device=ctx.device), 0
+    def __init__(self, device: torch.device):
+        self.total = torch.zeros((), device=device)
+        self.count = 0
 
-    batches = train_loader.epoch(epoch, start_step=start_step)
-    try:
-        for images, target in batches:
-            t_data = time.perf_counter()
-            ctx.meters["data_time"] += t_data - t_last
-            micro = step % accum
-            last_micro = micro == accum - 1
-            if ctx.mixup_fn is not None:
-                images, target = ctx.mixup_fn(images, target)
-            sync_ctx = model.no_sync() if (is_ddp and not last_micro) else contextlib.nullcontext()
-            with sync_ctx:
-                with autocast(ctx.device, ctx.amp):
-                    logits = model(images)
-                loss = ctx.loss_fn(logits.float(), target)
-                scaled = loss / accum if accum > 1 else loss
-                if ctx.scaler is not None:
-                    ctx.scaler.scale(scaled).backward()
-                else:
-                    scaled.backward()
-            loss_d = loss.detach()
-            ctx.nonfinite |= ~torch.isfinite(loss_d)
-            ctx.loss_sum += loss_d
-            window_loss += loss_d
-            window_steps += 1
+    def add(self, loss: torch.Tensor) -> None:
+        self.total += loss
+        self.count += 1
 
-            if last_micro:
-                set_lr(ctx.optimizer, lr_at(ctx.global_update, ctx.schedule))
-                if ctx.clip_grad is not None:
-                    if ctx.scaler is not None:
-                        ctx.scaler.unscale_(ctx.optimizer)
-                    torch.nn.utils.clip_grad_norm_(ctx.model.parameters(), ctx.clip_grad)
-                if ctx.scaler is not None:
-                    ctx.scaler.step(ctx.optimizer)
-                    ctx.scaler.update()
-                else:
-                    ctx.optimizer.step()
-                ctx.optimizer.zero_grad(set_to_none=True)
-                if ctx.ema is not None:
-                    ctx.ema.update(ctx.model)
-                ctx.global_update += 1
-
-            step += 1
-            ctx.meters["steps"] += 1
-            ctx.meters["images"] += images.shape[0]
-            t_last = time.perf_counter()
-            ctx.meters["time"] += t_last - t_data
-
-            if step % log_interval == 0 or step == steps_per_epoch:
-                check_finite(ctx, epoch, step)
-                inst = {
-                    "loss": float(window_loss.item()) / max(window_steps, 1),
-                    "lr": ctx.optimizer.param_groups[0]["lr"],
-                }
-                window_loss.zero_()
-                window_steps = 0
-                if on_log is not None:
-                    on_log(inst, ctx.global_update)
-                if progress is not None:
-                    progress.update(step, inst)
-            elif progress is not None:
-                progress.update(step)
-
-            if last_micro:
-                on_update(step)
-                if step < steps_per_epoch and should_stop(ctx.global_update):
-                    check_finite(ctx, epoch, step)
-                    ctx.sync_meters()
-                    return EpochOutcome(_epoch_metrics(ctx), step, stopped=True)
-    finally:
-        close = getattr(batches, "close", None)
-        if close is not None:
-            close()
-    check_finite(ctx, epoch, step)
-    ctx.sync_meters()
-    return EpochOutcome(_epoch_metrics(ctx), step, stopped=False)
+    def read(self) -> float:
+        mean = float(self.total.item()) / max(self.count, 1)
+        self.total.zero_()
+        self.count = 0
+        return mean
 
 
-def _epoch_metrics(ctx: TrainContext) -> dict[str, float]:
-    m = ctx.meters
+def epoch_metrics(ctx: TrainContext) -> dict[str, float]:
+    """The epoch's averages so far (syncs the device loss sum)."""
+    m = ctx.sync_meters()
     steps = max(m["steps"], 1.0)
     total = m["time"] + m["data_time"]
     return {
@@ -221,6 +193,36 @@ def _epoch_metrics(ctx: TrainContext) -> dict[str, float]:
         "compute_images_per_sec": m["images"] / m["time"] if m["time"] > 0 else 0.0,
         "data_time": m["data_time"],
     }
+
+
+@contextlib.contextmanager
+def epoch_batches(train_loader, epoch: int, start_step: int = 0):
+    """The batches ``start_step ..`` of ``epoch``; the loader's iterator is closed however the epoch ends."""
+    batches = train_loader.epoch(epoch, start_step=start_step)
+    try:
+        yield batches
+    finally:
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()
+
+
+def train_one_epoch(
+    ctx: TrainContext, train_loader, epoch: int, steps_per_epoch: int, start_step: int = 0, *, log_interval: int = 50
+) -> dict[str, float]:
+    """Trains the batches ``start_step .. steps_per_epoch - 1`` of ``epoch`` and returns :func:`epoch_metrics`.
+
+    The same :func:`train_step` as ``train.py``, without logging, checkpoints or preemption checks (for
+    benchmarks); finiteness is checked every ``log_interval`` steps and at the end.
+    """
+    begin_epoch(ctx, start_step)
+    with epoch_batches(train_loader, epoch, start_step) as batches:
+        for step, (images, target) in enumerate(batches, start=start_step):
+            train_step(ctx, images, target, step)
+            if (step + 1) % log_interval == 0 and step + 1 < steps_per_epoch:
+                check_finite(ctx, epoch, step + 1)
+    check_finite(ctx, epoch, steps_per_epoch)
+    return epoch_metrics(ctx)
 
 
 @torch.no_grad()
@@ -264,10 +266,14 @@ def evaluate(
         stats[4] = getattr(loader, "last_pass_skipped", 0)
     du.all_reduce_sum(stats)
     model.train(was_training)
+    return _accuracy(stats, getattr(loader, "total_samples", None) if finished else None)
+
+
+def _accuracy(stats: torch.Tensor, expected: int | None) -> dict[str, float]:
+    """The summed counts of :func:`evaluate` as percentages, checked against the dataset size ``expected``."""
     correct1, correct5, count, loss_sum, skipped = stats.tolist()
     count, skipped = round(count), round(skipped)
-    expected = getattr(loader, "total_samples", None)
-    if finished and expected is not None and count + skipped != expected:
+    if expected is not None and count + skipped != expected:
         raise RuntimeError(
             f"Validation counted {count} images across ranks (and {skipped} unreadable ones skipped) but the "
             f"validation set has {expected}: the loader duplicated or dropped images. This is a bug; please "

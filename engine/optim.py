@@ -2,7 +2,7 @@
 
 The schedule is a pure function of the optimizer step (:func:`lr_at`), so resuming anywhere, even in
 the middle of an epoch, gives exactly the LR an uninterrupted run would have used, and the schedule
-can be unit-tested at known steps. The recipe of the paper (AN_SPEC 3): peak LR = ``lr`` x global
+can be unit-tested at known steps. The recipe of the paper (docs/AN.md section 4): peak LR = ``lr`` x global
 batch / 256, linear warm-up over 5 epochs stepped per iteration, then cosine to ``min_lr`` (0).
 """
 
@@ -54,7 +54,10 @@ def scaled_lr(base_lr: float, global_batch: int, base_batch_size: int = 256) -> 
 
 
 def make_schedule(cfg, steps_per_epoch: int, world_size: int) -> Schedule:
-    """Builds the schedule from the optim/sched config sections (steps = optimizer steps)."""
+    """Builds the schedule from the optim/sched config sections (steps = optimizer steps).
+
+    ``steps_per_epoch`` counts batches (``data.steps_per_epoch``: whole accumulation rounds).
+    """
     updates_per_epoch = max(1, steps_per_epoch // cfg.optim.accum_steps)
     global_batch = cfg.data.batch_size * world_size * cfg.optim.accum_steps
     return Schedule(
@@ -69,7 +72,7 @@ def make_schedule(cfg, steps_per_epoch: int, world_size: int) -> Schedule:
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)
+        group["lr"] = lr
 
 
 class ApexMissingError(ConfigError):
@@ -94,8 +97,7 @@ def _apex_optimizer(name: str):
 def build_optimizer(model: nn.Module, cfg, lr: float) -> torch.optim.Optimizer:
     """The optimizer over the named parameter groups of ``an.param_groups`` (the weight-decay policy)."""
     o = cfg.optim
-    groups = an.param_groups(model, o.weight_decay, decay_norm=o.decay_norm)
-    groups = [g for g in groups if g["params"]]
+    groups = an.param_groups(model, o.weight_decay, decay_norm=o.decay_norm)  # only non-empty groups
     if o.name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay)
     if o.name == "adamw":

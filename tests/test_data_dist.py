@@ -13,9 +13,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import data
-from data.testing import make_image_folder
 from engine.config import Config
 from tests.conftest import data_config
+from tests.image_folders import make_image_folder
 
 
 def make_cfg(root, batch_size) -> Config:

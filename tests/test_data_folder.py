@@ -8,9 +8,9 @@ import pytest
 
 import data
 from data.folder import FileTable, scan_dataset, scan_split
-from data.testing import make_image_folder
 from engine.config import Config
 from tests.conftest import data_config
+from tests.image_folders import make_image_folder
 
 
 def make_cfg(root, backend="torch", **data_kw) -> Config:

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import data
-from data.testing import make_image_folder
 from engine.config import Config
 from tests.conftest import data_config
+from tests.image_folders import make_image_folder
 
 pytestmark = [
     pytest.mark.gpu,

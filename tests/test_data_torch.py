@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import data
-from data.testing import corrupt_file, make_image_folder
 from engine.config import Config
 from tests.conftest import data_config
+from tests.image_folders import corrupt_file, make_image_folder
 
 
 def make_cfg(root, backend="torch", batch_size=2, workers=0, **data_kw) -> Config:

@@ -92,23 +92,31 @@ def worker_pids(agent_pid: int) -> dict[int, int]:
     return found
 
 
+def start_two_ranks(config: Path, until: str) -> tuple[subprocess.Popen, list[str], dict[int, int]]:
+    """Starts ``train.py --config config`` under torchrun with 2 workers and waits until ``until`` is in train.log.
+
+    Returns the torchrun process, its command line and the workers' pids by rank.
+    """
+    cmd = torchrun("--standalone", "--nproc_per_node", "2", "train.py", "--config", str(config))
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log_file = config.parent / "run" / "train.log"
+    deadline = time.time() + 180
+    while not (log_file.exists() and until in log_file.read_text()):
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.time() < deadline, f"training never logged {until!r}"
+        time.sleep(0.05)
+    pids = worker_pids(proc.pid)
+    assert sorted(pids) == [0, 1]
+    return proc, cmd, pids
+
+
 def test_sigterm_to_one_rank_stops_all_ranks_at_the_same_step_and_resumes_exactly(tmp_path):
     sections = {"data": {"synthetic_train_size": 480}, "log": {"interval": 1, "progress": "lines"}}
     straight = tiny_config(tmp_path / "a", **sections)
     result = run(torchrun("--standalone", "--nproc_per_node", "2", "train.py", "--config", str(straight)))
     assert result.returncode == 0, result.stdout + result.stderr
 
-    config = tiny_config(tmp_path / "b", **sections)
-    cmd = torchrun("--standalone", "--nproc_per_node", "2", "train.py", "--config", str(config))
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    log_file = tmp_path / "b" / "run" / "train.log"
-    deadline = time.time() + 180
-    while not (log_file.exists() and "epoch 1/2 [4/30]" in log_file.read_text()):
-        assert proc.poll() is None, proc.stdout.read()
-        assert time.time() < deadline, "training never reached step 4"
-        time.sleep(0.05)
-    pids = worker_pids(proc.pid)
-    assert sorted(pids) == [0, 1]
+    proc, cmd, pids = start_two_ranks(tiny_config(tmp_path / "b", **sections), until="epoch 1/2 [4/30]")
     os.kill(pids[1], signal.SIGTERM)  # only rank 1 is told; rank 0 must stop at the same step
     out, _ = proc.communicate(timeout=180)
     assert "exitcode  : 75" in out or "exitcode: 75" in out.replace(" ", ""), out
@@ -127,6 +135,52 @@ def test_sigterm_to_one_rank_stops_all_ranks_at_the_same_step_and_resumes_exactl
     assert [r["val_top1"] for r in read_log(tmp_path / "a" / "run")] == [
         r["val_top1"] for r in read_log(tmp_path / "b" / "run")
     ]
+
+
+def test_hard_kill_between_timed_checkpoints_of_two_ranks_resumes_bitwise(tmp_path):
+    """Timed checkpoints of a 2-rank run hold both ranks' RNG states: SIGKILL, resume, same final weights.
+
+    Mixup draws from each rank's own NumPy generator, so a resume that restored only rank 0's RNG state (or
+    reseeded the others) would train on other mixes and end with other weights.
+    """
+    sections = {
+        "data": {"synthetic_train_size": 480},  # 30 steps per epoch per rank
+        "train": {"mixup": 0.4, "save_minutes": 1e-9},  # a timed checkpoint at every check
+        "dist": {"signal_check_every": 3},
+        "log": {"interval": 1, "progress": "lines"},
+    }
+    straight = tiny_config(tmp_path / "a", **sections)
+    result = run(torchrun("--standalone", "--nproc_per_node", "2", "train.py", "--config", str(straight)))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+    config = tiny_config(tmp_path / "b", **sections)
+    proc, cmd, pids = start_two_ranks(config, until="epoch 1/2 [8/30]")  # past the timed saves at steps 3 and 6
+    for pid in (pids[0], pids[1], proc.pid):  # the whole job dies at once, as when a node is lost
+        os.kill(pid, signal.SIGKILL)
+    proc.communicate(timeout=60)
+    mid = ck.load_checkpoint(tmp_path / "b" / "run" / "last.pth")
+    assert mid["epoch"] == 0 and mid["step_in_epoch"] >= 6 and mid["step_in_epoch"] % 3 == 0  # a timed checkpoint
+    assert len(mid["rng"]) == 2 and not torch.equal(mid["rng"][0]["torch"], mid["rng"][1]["torch"])
+
+    result = run(cmd)  # the same command resumes from the timed checkpoint
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"epoch 0, step {mid['step_in_epoch']}" in result.stdout and "reseeded" not in result.stdout
+    a = ck.load_checkpoint(tmp_path / "a" / "run" / "last.pth")
+    b = ck.load_checkpoint(tmp_path / "b" / "run" / "last.pth")
+    assert a["global_update"] == b["global_update"] == 60
+    for key in ("model", "optimizer"):
+        flat_a, flat_b = _tensors(a[key]), _tensors(b[key])
+        assert flat_a.keys() == flat_b.keys()
+        for k in flat_a:
+            assert torch.equal(flat_a[k], flat_b[k]), f"{key}: {k}"
+
+
+def _tensors(state, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Every tensor of a nested state dict, by its path."""
+    if isinstance(state, torch.Tensor):
+        return {prefix: state}
+    items = state.items() if isinstance(state, dict) else enumerate(state) if isinstance(state, list) else []
+    return {k: v for key, value in items for k, v in _tensors(value, f"{prefix}.{key}").items()}
 
 
 def test_two_torchrun_agents_as_two_nodes(tmp_path):

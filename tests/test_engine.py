@@ -205,6 +205,15 @@ def test_preemption_handler_flags_at_check_steps(signum):
     )
 
 
+def test_preemption_handler_agrees_on_stop_and_timed_save():
+    with PreemptionHandler(torch.device("cpu"), check_every=3) as handler:
+        assert [u for u in range(10) if handler.is_check_step(u)] == [0, 3, 6, 9]
+        assert handler.agree() == (False, False)
+        assert handler.agree(save_due=True) == (False, True)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert handler.agree() == (True, False)
+
+
 def test_state_digest_sees_every_parameter_and_buffer():
     torch.manual_seed(0)
     a = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from data.testing import corrupt_file, make_image_folder, smooth_image
+from tests.image_folders import corrupt_file, make_image_folder, smooth_image
 from tools import bench_loader, check_dataset, make_digits, prepare_imagenet
 
 REPO = Path(__file__).resolve().parent.parent

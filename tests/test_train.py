@@ -251,6 +251,25 @@ def test_gradient_accumulation_matches_the_large_batch(tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
+def test_an_epoch_ends_on_an_optimizer_step(tmp_path):
+    """56 images in batches of 8 with 2 accumulation steps: 6 batches an epoch, not 7, and no gradient of a
+    7th batch carried into the next epoch, so 2 epochs equal the batch-16 run (which drops the same 8 images)."""
+    common = {
+        "model": {"norm": "gn", "gn_groups": 4},
+        "sched": {"epochs": 2, "warmup_epochs": 0},
+        "data": {"synthetic_train_size": 56},
+    }
+    big = tiny_config(tmp_path / "big", **{**common, "data": {"synthetic_train_size": 56, "batch_size": 16}})
+    acc = tiny_config(tmp_path / "acc", optim={"accum_steps": 2}, **common)
+    assert train.main(["--config", str(big)]) == 0
+    assert train.main(["--config", str(acc)]) == 0
+    a = ck.load_checkpoint(tmp_path / "big" / "run" / "last.pth")
+    b = ck.load_checkpoint(tmp_path / "acc" / "run" / "last.pth")
+    assert a["global_update"] == b["global_update"] == 6
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-4, atol=1e-5, msg=k)
+
+
 @pytest.mark.slow
 def test_sigterm_to_a_real_process_checkpoints_and_exits_75(tmp_path):
     config = tiny_config(tmp_path, data={"synthetic_train_size": 800}, log={"interval": 1, "progress": "lines"})
@@ -287,7 +306,7 @@ def test_amp_runs_and_saves_its_scaler(tmp_path, amp):
 
 
 def test_corrupt_images_are_skipped_counted_and_the_run_goes_on(tmp_path, capsys):
-    from data.testing import corrupt_file, make_image_folder
+    from tests.image_folders import corrupt_file, make_image_folder
 
     root = make_image_folder(tmp_path / "ds", train_per_class=6, val_per_class=5, size=(72, 64))
     corrupt_file(root / "train" / "dog" / "dog_2.JPEG")

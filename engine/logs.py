@@ -1,5 +1,7 @@
 """Rank-0 logging: console (progress bar on a terminal, plain lines in SLURM logs), log.jsonl, TensorBoard.
 
+The module is ``logs`` rather than ``logging`` so that it never shadows the standard library's module.
+
 Every rank gets a logger, but only rank 0 prints at INFO; other ranks print warnings and errors only,
 prefixed with their rank, so a failure on any rank is still visible in the job log.
 """
@@ -9,10 +11,16 @@ from __future__ import annotations
 import json
 import logging
 import math
+import resource
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+import torch
+from torch import nn
+
+import an
 
 LOGGER_NAME = "an"
 
@@ -44,6 +52,13 @@ def setup_logging(rank: int = 0, output_dir: str | Path | None = None) -> loggin
 
 def get_logger() -> logging.Logger:
     return logging.getLogger(LOGGER_NAME)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory in MiB: allocated CUDA memory on a GPU, the process's maximum resident set on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 class Progress:
@@ -156,3 +171,39 @@ class TensorBoard:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+class AttentionProbe:
+    """Captures the AN attention weights (lambda, N x K) of the first validation batch for TensorBoard histograms.
+
+    Usage: pass :meth:`arm` as ``on_batch`` to ``engine.loop.evaluate`` (it hooks the attention branches
+    of every AN layer for batch 0 and unhooks them at batch 1), then :meth:`log` the captured values.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.modules = {name: m.attention for name, m in model.named_modules() if isinstance(m, an.AttentiveNorm2d)}
+        self.values: dict[str, torch.Tensor] = {}
+        self.handles = []
+
+    def arm(self, batch_index: int) -> None:
+        if batch_index == 0 and not self.handles:
+            for name, module in self.modules.items():
+                self.handles.append(module.register_forward_hook(self._hook(name)))
+        elif batch_index == 1:
+            self.remove()
+
+    def _hook(self, name: str):
+        def hook(module, inputs, output):
+            self.values[name] = output.detach().float().cpu()
+
+        return hook
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+    def log(self, tb: TensorBoard, step: int) -> None:
+        self.remove()
+        for name, values in self.values.items():
+            tb.histogram(f"an_attention/{name}", values, step)

@@ -1,7 +1,4 @@
-"""Helpers for tests: write tiny ImageNet-layout datasets of JPEG files.
-
-Not imported by the loaders; tests of any package (data, engine, train.py) may use it.
-"""
+"""Test fixtures: tiny ImageNet-layout datasets of JPEG files, and damaged images."""
 
 from __future__ import annotations
 
