@@ -255,7 +255,7 @@ def test_an_epoch_ends_on_an_optimizer_step(tmp_path):
     """56 images in batches of 8 with 2 accumulation steps: 6 batches an epoch, not 7, and no gradient of a
     7th batch carried into the next epoch, so 2 epochs equal the batch-16 run (which drops the same 8 images)."""
     common = {
-        "model": {"norm": "gn", "gn_groups": 4},
+        "model": {"norm": "gn", "norm_kwargs": {"groups": 4}},
         "sched": {"epochs": 2, "warmup_epochs": 0},
         "data": {"synthetic_train_size": 56},
     }
