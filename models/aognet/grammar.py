@@ -28,7 +28,7 @@ node in docs/AN.md 3.4 and pinned by ``tests/test_models_aognet.py``):
 4. **Laterals.** OR-nodes of equal span length are chained left to right (by start); AND-nodes of equal span
    length are chained by descending start, and by ascending split within one span. Each node in a chain also
    receives its predecessor's output (its lateral source), always added to its op input. It is added to the
-   residual input too only when the node and its lateral source have no parent in common: two siblings
+   residual input too only when the node and its lateral source have no (syntactic) parent in common: siblings
    already meet at their shared parent, so a lateral between them only feeds the op (``OR[1-1]`` from
    ``OR[0-0]``, both children of ``AND[0-1]/1``; the two full-width AND-nodes, both children of the root),
    while a lateral between different parts of the graph also joins the shortcut (``OR[2-2]`` from ``OR[1-1]``;
