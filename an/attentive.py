@@ -1,8 +1,7 @@
 """Attentive Normalization (AN): a standardizer followed by an attention-weighted mixture of K affine transforms.
 
 Reference: X. Li, W. Sun and T. Wu, "Attentive Normalization", ECCV 2020 (arXiv 1908.01259). The maths and
-the initialisation follow the project's clean-room spec (``AN_SPEC.md`` section 1), which records what the
-authors' ImageNet code computes:
+the initialisation follow docs/AN.md section 1, which records what the authors' ImageNet code computes:
 
     x_hat  = standardize(x)                                    # BN(affine=False) or GN(affine=False)
     s[n,c] = mean_hw(x)[n,c] / sqrt(var_hw(x)[n,c] + 1e-3)      # from the RAW input; var is unbiased
@@ -88,8 +87,8 @@ class MixtureAttention(nn.Module):
         s = mean * torch.rsqrt(var + self.eps)
         z = F.linear(s, self.conv.weight.flatten(1).to(s.dtype))
         z = self.bn(z[:, :, None, None]).flatten(1)
-        if self.mode == "hsigmoid":
-            return F.hardsigmoid(z)
+        if self.mode == "hsigmoid":  # the official formula: F.hardsigmoid's backward uses a float32 1/6
+            return F.relu6(z + 3.0) / 6.0
         return torch.sigmoid(z) if self.mode == "sigmoid" else torch.softmax(z, dim=1)
 
     def extra_repr(self) -> str:

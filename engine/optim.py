@@ -32,19 +32,24 @@ class Schedule:
 
 
 def lr_at(step: int, s: Schedule) -> float:
-    """The learning rate to use for optimizer step ``step`` (0-based).
+    """The learning rate to use for optimizer step ``step`` (0-based), as the official recipe computes it.
 
-    Warm-up: linear from ``warmup_start_factor * peak`` at step 0 towards ``peak``, reaching it at step
-    ``warmup_steps``. Then cosine from ``peak`` to ``min_lr`` at ``total_steps``; ``constant`` holds
-    ``peak`` after warm-up.
+    The official schedule evaluates step ``step`` at the end of that step, ``t = step + 1`` steps into the run
+    (docs/AN.md 4.1), so the very first step already trains. With ``W = warmup_steps``, ``T = total_steps``
+    and ``f = warmup_start_factor``:
+
+    - warm-up, ``step < W``: ``peak * (f + (1 - f) * t / W)``; the first step gets ``peak * (f + (1 - f) / W)``
+      and the last warm-up step ``W - 1`` gets ``peak`` (``f = 0`` is the official ``peak * t / W``);
+    - then cosine: ``min_lr + (peak - min_lr) * (1 + cos(pi * (t - W) / (T - W))) / 2``, clamped at
+      ``min_lr`` from the last step ``T - 1`` on; ``constant`` holds ``peak`` after warm-up.
     """
+    t = step + 1
     if s.warmup_steps > 0 and step < s.warmup_steps:
-        frac = step / s.warmup_steps
-        return s.peak_lr * (s.warmup_start_factor + (1.0 - s.warmup_start_factor) * frac)
+        return s.peak_lr * (s.warmup_start_factor + (1.0 - s.warmup_start_factor) * t / s.warmup_steps)
     if s.name == "constant":
         return s.peak_lr
     decay_steps = max(1, s.total_steps - s.warmup_steps)
-    progress = min(1.0, (step - s.warmup_steps) / decay_steps)
+    progress = min(1.0, (t - s.warmup_steps) / decay_steps)
     return s.min_lr + 0.5 * (s.peak_lr - s.min_lr) * (1.0 + math.cos(math.pi * progress))
 
 

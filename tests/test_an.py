@@ -339,6 +339,35 @@ def test_an_gradcheck(name, attention, training):
     gradcheck_layer(layer, x)
 
 
+def test_hsigmoid_float64_backward_is_exactly_one_sixth():
+    """d lam / d z = 1/6 on (-3, 3) and 0 outside, to float64 precision.
+
+    torch's own hardsigmoid multiplies the float64 gradient by a float32 constant (relative error 3e-8), which a
+    float64 comparison of gradients would see; the official formula relu6(z + 3) / 6 has no such constant.
+    """
+    torch.manual_seed(10)
+    att = an.MixtureAttention(8, k=6).double().train()
+    with torch.no_grad():
+        att.bn.weight.fill_(3.0)  # spread the normalized logits past +-3
+    logits = {}
+
+    def keep_logits(module, args, out):
+        out.retain_grad()
+        logits["z"] = out
+
+    att.bn.register_forward_hook(keep_logits)
+    mean = torch.randn(16, 8, dtype=torch.float64) * 3
+    var = torch.rand(16, 8, dtype=torch.float64) + 0.1
+    lam = att(mean, var)
+    lam.sum().backward()
+    z = logits["z"].detach().flatten(1)
+    inside = (z > -3) & (z < 3)
+    assert inside.any() and (~inside).any()  # both regions are exercised
+    expected = torch.where(inside, torch.full_like(z, 1.0) / 6.0, torch.zeros_like(z))
+    torch.testing.assert_close(logits["z"].grad.flatten(1), expected, rtol=1e-15, atol=0.0)
+    torch.testing.assert_close(lam, torch.clamp((z + 3.0) / 6.0, 0.0, 1.0), rtol=1e-15, atol=1e-16)
+
+
 def test_functional_ops_grad_and_gradgrad():
     torch.manual_seed(9)
     x = torch.randn(2, 3, 3, 4, dtype=torch.float64, requires_grad=True)

@@ -23,27 +23,42 @@ from engine.optim import ApexMissingError, ModelEma, Schedule, build_optimizer, 
 # ---------------------------------------------------------------------------------------------------
 
 
-def test_lr_at_known_steps():
-    s = Schedule(peak_lr=0.4, total_steps=1000, warmup_steps=100, warmup_start_factor=0.0, min_lr=0.0)
-    assert lr_at(0, s) == 0.0
-    assert lr_at(50, s) == pytest.approx(0.2)  # halfway through warm-up
-    assert lr_at(100, s) == pytest.approx(0.4)  # warm-up reaches the peak
-    assert lr_at(550, s) == pytest.approx(0.2)  # cosine midpoint: (peak + min) / 2
-    assert lr_at(1000, s) == pytest.approx(0.0)
-    assert lr_at(5000, s) == pytest.approx(0.0)  # clamped past the end
-    quarter = lr_at(100 + 225, s)
-    assert quarter == pytest.approx(0.2 * (1 + math.cos(math.pi / 4)))
+def official_lr(epoch: int, i: int, iters: int, peak: float, warmup_epochs: int, epochs: int) -> float:
+    """The official recipe's LR for iteration ``i`` of ``epoch`` (both 0-based): it is evaluated after ``i + 1``
+    iterations of the epoch; linear warm-up by epoch fraction, then cosine to 0 (docs/AN.md 4.1)."""
+    done = epoch + (i + 1) / iters  # epochs completed at the end of this iteration
+    if epoch < warmup_epochs:
+        return peak * done / warmup_epochs
+    return peak * (1 + math.cos(math.pi * (done - warmup_epochs) / (epochs - warmup_epochs))) / 2
+
+
+def test_lr_at_follows_the_official_schedule():
+    # 10 iterations per epoch, 5 warm-up epochs, 12 epochs: W = 50, T = 120 steps.
+    s = Schedule(peak_lr=0.4, total_steps=120, warmup_steps=50, warmup_start_factor=0.0, min_lr=0.0)
+    assert lr_at(0, s) == pytest.approx(0.008)  # first step trains: 0.4 * 1 / 50
+    assert lr_at(24, s) == pytest.approx(0.2)  # 25 of 50 warm-up steps
+    assert lr_at(49, s) == pytest.approx(0.4)  # last warm-up step reaches the peak
+    assert lr_at(50, s) == pytest.approx(0.2 * (1 + math.cos(math.pi / 70)))  # first cosine step: 1 of 70
+    assert lr_at(84, s) == pytest.approx(0.2)  # 35 of 70 cosine steps: halfway
+    assert lr_at(119, s) == pytest.approx(0.0, abs=1e-15)  # last step: the cosine has reached 0
+    assert lr_at(5000, s) == pytest.approx(0.0, abs=1e-15)  # clamped past the end
+    for step in range(120):
+        epoch, i = divmod(step, 10)
+        assert lr_at(step, s) == pytest.approx(official_lr(epoch, i, 10, 0.4, 5, 12), rel=1e-12, abs=1e-15), step
 
 
 def test_lr_schedule_shape_and_floor():
     s = Schedule(peak_lr=1.0, total_steps=200, warmup_steps=20, warmup_start_factor=0.01, min_lr=1e-3)
     lrs = [lr_at(i, s) for i in range(201)]
-    assert lrs[0] == pytest.approx(0.01)
-    assert all(a < b for a, b in itertools.pairwise(lrs[:21]))  # warm-up increases
-    assert all(a >= b for a, b in itertools.pairwise(lrs[20:]))  # then never increases
-    assert lrs[-1] == pytest.approx(1e-3)
+    assert lrs[0] == pytest.approx(0.01 + 0.99 / 20)  # starts one step into the warm-up
+    assert lrs[19] == pytest.approx(1.0)
+    assert all(a < b for a, b in itertools.pairwise(lrs[:20]))  # warm-up increases
+    assert all(a > b for a, b in itertools.pairwise(lrs[19:200]))  # then decreases to the floor
+    assert lrs[199] == pytest.approx(1e-3) and lrs[200] == pytest.approx(1e-3)
     const = Schedule(peak_lr=0.5, total_steps=100, warmup_steps=0, name="constant")
     assert {lr_at(i, const) for i in range(100)} == {0.5}
+    no_warmup = Schedule(peak_lr=0.5, total_steps=100, warmup_steps=0)
+    assert lr_at(0, no_warmup) == pytest.approx(0.25 * (1 + math.cos(math.pi / 100)))
 
 
 def test_make_schedule_scales_lr_by_global_batch():

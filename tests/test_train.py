@@ -59,9 +59,9 @@ def test_train_then_eval_reproduces_the_validation_number(tmp_path, capsys):
         assert "compute_images_per_sec" in r and "peak_memory_mb" in r
     peak = 0.05 * 8 / 256
     assert log[0]["lr"] == pytest.approx(
-        peak * (1 + math.cos(math.pi * 2 / 9)) / 2
-    )  # epoch 1 ends at update 5 of 12 (3 warm-up)
-    assert log[-1]["lr"] == pytest.approx(peak * (1 + math.cos(math.pi * 8 / 9)) / 2)  # last update: almost 0
+        peak * (1 + math.cos(math.pi * 3 / 9)) / 2
+    )  # epoch 1 ends with update 5 (0-based) of 12, 3 of them warm-up: 3 of 9 cosine steps done after it
+    assert log[-1]["lr"] == pytest.approx(0.0, abs=1e-12)  # the last update ends the cosine at 0
     for name in ("last.pth", "best.pth", "config.yaml", "summary.json", "status.json", "train.log"):
         assert (run / name).exists(), name
     assert json.loads((run / "status.json").read_text())["state"] == "completed"

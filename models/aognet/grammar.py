@@ -1,7 +1,7 @@
 """The And-Or grammar (AOG) of one AOGNet block: nodes, binary splits, laterals, path counts and order.
 
 Reference: X. Li, X. Song, T. Wu, "AOGNets: Compositional Grammatical Architectures for Deep Learning", CVPR
-2019, as configured by the Attentive Normalization paper's AOGNet-12M/40M (AN_SPEC 5.2, 5.4).
+2019, as configured by the Attentive Normalization paper's AOGNet-12M/40M (docs/AN.md 3.2, 3.4).
 
 A block's channels are a 1 x D grid of primitives. For a span ``[a-b]`` of primitives:
 
@@ -10,8 +10,8 @@ A block's channels are a 1 x D grid of primitives. For a span ``[a-b]`` of primi
 - ``AND[a-b]/k``: split after ``k`` primitives; children ``OR[a-(a+k-1)]`` and ``OR[(a+k)-b]`` (concat).
 
 This module builds that graph as plain data; :mod:`models.aognet.net` turns it into modules. Everything is
-deterministic and explicit; the rules below reproduce the wiring the reference code produces (traced in
-AN_SPEC 5.4 and pinned by ``tests/test_models_aognet.py``):
+deterministic and explicit; the rules below reproduce the wiring the reference code produces (listed node by
+node in docs/AN.md 3.4 and pinned by ``tests/test_models_aognet.py``):
 
 1. **Creation order (node ids).** Breadth-first from the root ``OR[0-(D-1)]``. An OR node creates its T-node,
    then its AND-nodes in split order: ascending, or descending for ``remove_symmetric=2``. An AND node creates
@@ -27,7 +27,12 @@ AN_SPEC 5.4 and pinned by ``tests/test_models_aognet.py``):
    for nodes of at most 4 children (every D <= 4; larger grids need ``'natural'``).
 4. **Laterals.** OR-nodes of equal span length are chained left to right (by start); AND-nodes of equal span
    length are chained by descending start, and by ascending split within one span. Each node in a chain also
-   receives its predecessor's output: added to the op input, and for AND-nodes to the residual input too.
+   receives its predecessor's output (its lateral source), always added to its op input. It is added to the
+   residual input too only when the node and its lateral source have no (syntactic) parent in common: siblings
+   already meet at their shared parent, so a lateral between them only feeds the op (``OR[1-1]`` from
+   ``OR[0-0]``, both children of ``AND[0-1]/1``; the two full-width AND-nodes, both children of the root),
+   while a lateral between different parts of the graph also joins the shortcut (``OR[2-2]`` from ``OR[1-1]``;
+   ``AND[0-1]/1`` from ``AND[2-3]/1``). The rule holds for OR- and AND-nodes alike.
 5. **Path counts.** ``npaths`` = number of root-to-node paths over syntactic edges. A parent whose ``npaths`` is
    smaller than its child's scales that child's output by their ratio in the *residual* input only.
 6. **Evaluation order.** Depth-first post-order from the root over each node's inputs (children in child
@@ -61,6 +66,7 @@ class Node:
         lateral: Id of the lateral source (rule 4) or None.
         npaths: Number of root-to-node paths (rule 5).
         res_scales: Residual scale of each child, aligned with ``children``.
+        res_lateral: Whether the lateral source is added to the residual input too (rule 4).
     """
 
     id: int
@@ -72,6 +78,7 @@ class Node:
     lateral: int | None = None
     npaths: int = 1
     res_scales: tuple[float, ...] = ()
+    res_lateral: bool = False
 
     @property
     def length(self) -> int:
@@ -80,7 +87,7 @@ class Node:
 
     @property
     def name(self) -> str:
-        """``'T[0-3]'``, ``'AND[0-3]/1'`` or ``'OR[0-3]'`` (the notation of AN_SPEC 5.4)."""
+        """``'T[0-3]'``, ``'AND[0-3]/1'`` or ``'OR[0-3]'`` (the notation of docs/AN.md 3.4)."""
         base = f"{self.kind}[{self.start}-{self.end}]"
         return f"{base}/{self.split}" if self.kind == AND else base
 
@@ -117,16 +124,6 @@ class AOG:
             if n.name == name:
                 return n
         raise KeyError(name)
-
-    def wiring(self) -> list[tuple[str, tuple[str, ...], str | None, tuple[float, ...]]]:
-        """``(name, children, lateral, residual scales)`` per node in evaluation order, with names for ids."""
-        names = [n.name for n in self.nodes]
-        out = []
-        for i in self.order:
-            n = self.nodes[i]
-            lateral = names[n.lateral] if n.lateral is not None else None
-            out.append((n.name, tuple(names[c] for c in n.children), lateral, n.res_scales))
-        return out
 
 
 def _kept_splits(length: int, remove_symmetric: int) -> list[int]:
@@ -259,7 +256,9 @@ def build_aog(dims: int, remove_symmetric: int = 0, lateral: bool = True, child_
     nodes = []
     for i, (kind, start, end, split) in enumerate(specs):
         scales = tuple(npaths(i) / npaths(c) if npaths(i) < npaths(c) else 1.0 for c in ordered[i])
-        nodes.append(Node(i, kind, start, end, split, tuple(ordered[i]), laterals.get(i), npaths(i), scales))
+        lat = laterals.get(i)
+        res_lateral = lat is not None and not set(parents[i]) & set(parents[lat])  # rule 4
+        nodes.append(Node(i, kind, start, end, split, tuple(ordered[i]), lat, npaths(i), scales, res_lateral))
     return AOG(dims, tuple(nodes), order)
 
 

@@ -2,10 +2,11 @@
 
 References: X. Li, X. Song, T. Wu, "AOGNets: Compositional Grammatical Architectures for Deep Learning",
 CVPR 2019; X. Li, W. Sun and T. Wu, "Attentive Normalization", ECCV 2020 (AOGNet-12M/40M configurations; AN
-on the norm after the 3x3 conv of every node that spans the full grid, K = [10, 10, 20, 20]). The structure
-follows AN_SPEC 5.1-5.4: a 3-conv stem with a 2x2/2 max-pool; before stages 2-4 a transition (1x1 conv, norm,
-ReLU, 2x2/2 average pool); per block the grammar's nodes (see :mod:`models.aognet.grammar`) evaluated in a
-fixed order, then norm + ReLU on the root's output; Dropout2d in the node ops of stages 3-4; GAP + FC.
+on the norm after the 3x3 conv of every node that spans the full grid, K = [10, 10, 20, 20]; docs/AN.md 2.4).
+The structure follows docs/AN.md 3.1-3.4: a 3-conv stem with a 2x2/2 max-pool; before stages 2-4 a transition
+(1x1 conv, norm, ReLU, 2x2/2 average pool); per block the grammar's nodes (see :mod:`models.aognet.grammar`)
+evaluated in a fixed order, each node op fed the op and residual inputs the grammar prescribes, then norm + ReLU
+on the root's output; Dropout2d in the node ops of stages 3-4; GAP + FC.
 
 What is ours: the code and module names; the ``se`` variant puts an SE module in every node op after its
 last norm, before the addition (each node op is a bottleneck residual unit, so this is the SE-ResNet
@@ -21,7 +22,7 @@ import math
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -38,7 +39,7 @@ __all__ = ["AOGBlock", "AOGNet", "AOGNetConfig", "NodeOp", "block_widths", "slic
 
 @dataclass(frozen=True)
 class AOGNetConfig:
-    """Architecture of an AOGNet (AN_SPEC 5.1).
+    """Architecture of an AOGNet (docs/AN.md 3.1).
 
     Attributes:
         filter_list: Stem output width, then the output width of each of the 4 stages.
@@ -86,6 +87,30 @@ def block_widths(cin: int, cout: int, blocks: int, dims: int) -> list[int]:
 
 def _scaled(t: Tensor, scale: float) -> Tensor:
     return t if scale == 1.0 else t * scale
+
+
+def _concat(ts: list[Tensor]) -> Tensor:
+    return torch.cat(ts, 1)
+
+
+def _sum(ts: list[Tensor]) -> Tensor:
+    out = ts[0]
+    for t in ts[1:]:
+        out = out + t
+    return out
+
+
+class _Step(NamedTuple):
+    """What :meth:`AOGBlock.forward` needs of one node (plain data, so the block stays traceable)."""
+
+    id: int
+    key: str
+    kind: str
+    channels: tuple[int, int]  # T-nodes: the input channel slice
+    children: tuple[int, ...]
+    res_scales: tuple[float, ...]
+    lateral: int | None
+    res_lateral: bool
 
 
 class NodeOp(nn.Module):
@@ -186,35 +211,39 @@ class AOGBlock(nn.Module):
                 bottleneck_ratio,
             )  # fmt: skip
             plan.append(
-                (node.kind, (in_b[node.start], in_b[node.end + 1]), node.children, node.res_scales, node.lateral)
+                _Step(
+                    node.id,
+                    node.key,
+                    node.kind,
+                    (in_b[node.start], in_b[node.end + 1]),
+                    node.children,
+                    node.res_scales,
+                    node.lateral,
+                    node.res_lateral,
+                )
             )
         self._plan = tuple(plan)
-        self._keys = tuple(aog.nodes[i].key for i in aog.order)
-        self._ids = tuple(aog.order)
         self.norm = norm_layers.norm(cout)
         self.relu = nn.ReLU(inplace=True)
 
     def forward(self, x: Tensor) -> Tensor:
         outs: dict[int, Tensor] = {}
-        for i, key, (kind, (a, b), children, scales, lateral) in zip(self._ids, self._keys, self._plan):
-            if kind == T:
-                u = r = x[:, a:b]
-            elif kind == AND:  # concat; the lateral joins both inputs
-                u = torch.cat([outs[c] for c in children], 1)
-                if any(s != 1.0 for s in scales):
-                    r = torch.cat([_scaled(outs[c], s) for c, s in zip(children, scales)], 1)
+        for step in self._plan:
+            if step.kind == T:
+                u = r = x[:, step.channels[0] : step.channels[1]]
+            else:  # AND: concat of the children; OR: their sum. The residual input scales double-counted children.
+                combine = _concat if step.kind == AND else _sum
+                u = combine([outs[c] for c in step.children])
+                if any(s != 1.0 for s in step.res_scales):
+                    r = combine([_scaled(outs[c], s) for c, s in zip(step.children, step.res_scales)])
                 else:
                     r = u
-                if lateral is not None:
+                if step.lateral is not None:  # joins the op input; the residual input only if res_lateral
                     shared = r is u
-                    u = u + outs[lateral]
-                    r = u if shared else r + outs[lateral]
-            else:  # OR: sum; the lateral joins the op input only
-                r = _scaled(outs[children[0]], scales[0])
-                for c, s in zip(children[1:], scales[1:]):
-                    r = r + _scaled(outs[c], s)
-                u = r + outs[lateral] if lateral is not None else r
-            outs[i] = self.nodes[key](u, r)
+                    u = u + outs[step.lateral]
+                    if step.res_lateral:
+                        r = u if shared else r + outs[step.lateral]
+            outs[step.id] = self.nodes[step.key](u, r)
         return self.relu(self.norm(outs[self.aog.root]))
 
 
