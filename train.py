@@ -149,7 +149,9 @@ def run(cfg: Config, args, dist_info: du.DistInfo) -> int:
     setup_logging(dist_info.rank, folder.path if dist_info.is_main else None)
     configure_torch(cfg, dist_info.rank)
     saved, resume_path = find_resume(cfg, args.resume, folder)  # before anything heavy: a wrong folder fails fast
-    model, ema = build_model_for_training(cfg, dist_info)
+    if saved is not None and cfg.train.init_from:
+        get_logger().info(f"train.init_from is ignored: resuming from {resume_path}.")
+    model, ema = build_model_for_training(cfg, dist_info, cfg.train.init_from if saved is None else None)
     loaders = build_loaders(cfg, dist_info)
     try:
         check_num_classes(cfg, loaders)

@@ -25,6 +25,7 @@ import models
 from engine import distributed as du
 from engine.checkpoint import seed_everything
 from engine.config import Config, ConfigError
+from engine.init_weights import load_init_weights
 from engine.logs import get_logger
 from engine.loop import SoftTargetCrossEntropy, TrainContext, amp_dtype
 from engine.optim import ModelEma, build_optimizer, make_schedule
@@ -70,9 +71,23 @@ def build_model(cfg: Config) -> nn.Module:
     return models.create_model(m.name, norm=m.norm, num_classes=m.num_classes, **m.options)
 
 
-def build_model_for_training(cfg: Config, dist_info: du.DistInfo) -> tuple[nn.Module, ModelEma | None]:
-    """The raw model on its device and memory format (SyncBN-converted when asked), and its EMA."""
-    model = build_model(cfg).to(device=dist_info.device, memory_format=memory_format_of(cfg))
+def build_model_for_training(
+    cfg: Config, dist_info: du.DistInfo, init_from: str | None = None
+) -> tuple[nn.Module, ModelEma | None]:
+    """The raw model on its device and memory format (SyncBN-converted when asked), and its EMA.
+
+    ``init_from``: a checkpoint whose weights start this (new) run (``train.init_from``; weights only).
+    """
+    model = build_model(cfg)
+    if init_from:
+        report = load_init_weights(model, expand_path(init_from))
+        origin = report["official"] or {}
+        get_logger().info(
+            f"Initialised from {report['path']}: {report['tensors']} tensors of {report['source_model']}"
+            + (f", official best top-1 {origin['best_prec1']:.2f}" if origin.get("best_prec1") is not None else "")
+            + "; optimizer, schedule, EMA and epoch start fresh."
+        )
+    model = model.to(device=dist_info.device, memory_format=memory_format_of(cfg))
     if cfg.dist.sync_bn and dist_info.distributed:
         if dist_info.device.type != "cuda":
             get_logger().warning("dist.sync_bn needs CUDA (SyncBatchNorm); ignored on the CPU.")

@@ -131,6 +131,7 @@ class TrainConfig:
     steps_per_epoch: int | None = None  # cap on training steps per epoch (quick runs, tests)
     val_steps: int | None = None  # cap on validation batches (quick runs; counts then cover fewer images)
     auto_resume: bool = True  # resume from output_dir/last.pth when it exists
+    init_from: str = ""  # start a new run from these weights (ours or tools/convert_checkpoint.py's); not a resume
 
 
 @dataclass
@@ -279,6 +280,8 @@ def _coerce(value: Any, tp: Any) -> Any:
     if origin is Literal:
         if value in typing.get_args(tp):
             return value
+        if value is None and "none" in typing.get_args(tp):  # `train.amp=none` on the command line reads as null
+            return "none"
         raise _Mismatch
     if origin in (Union, types.UnionType):
         args = typing.get_args(tp)

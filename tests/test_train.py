@@ -444,3 +444,27 @@ def test_eval_every_and_periodic_copies(tmp_path):
     assert sorted(p.name for p in (tmp_path / "run").glob("epoch_*.pth")) == ["epoch_002.pth"]
     assert ck.load_checkpoint(tmp_path / "run" / "epoch_002.pth")["epoch"] == 2
     assert "Resolved config (also in config.yaml):" in (tmp_path / "run" / "train.log").read_text()
+
+
+def test_init_from_starts_a_new_run_from_weights_only(tmp_path):
+    """train.init_from loads the weights (strictly) and nothing else: a fresh optimizer, epoch 0, a new folder."""
+    from engine.build import build_model_for_training
+    from engine.config import load_config
+    from engine.distributed import DistInfo
+
+    first = tiny_config(tmp_path / "a", sched={"epochs": 1, "warmup_epochs": 0})
+    assert train.main(["--config", str(first)]) == 0
+    source = tmp_path / "a" / "run" / "last.pth"
+    weights = ck.load_checkpoint(source)["model"]
+    cfg = load_config(first, [f"train.init_from={source}"])
+    model, _ = build_model_for_training(cfg, DistInfo(), cfg.train.init_from)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, weights[k]), k
+    second = tiny_config(tmp_path / "b", sched={"epochs": 1, "warmup_epochs": 0}, train={"init_from": str(source)})
+    assert train.main(["--config", str(second)]) == 0
+    log = (tmp_path / "b" / "run" / "train.log").read_text()
+    assert f"Initialised from {source}" in log and "optimizer, schedule, EMA and epoch start fresh" in log
+    assert read_log(tmp_path / "b" / "run")[0]["epoch"] == 1
+    other = tiny_config(tmp_path / "c", model={"norm": "bn"}, train={"init_from": str(source)})
+    with pytest.raises(ck.CheckpointError, match=str(source)):
+        train.main(["--config", str(other)])
