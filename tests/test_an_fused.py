@@ -84,9 +84,14 @@ def compare(ref: nn.Module, other: nn.Module, x, g, tol: float = 1e-5, what: str
     return runs
 
 
-def assert_same_buffers(ref: nn.Module, other: nn.Module) -> None:
+def assert_same_buffers(ref: nn.Module, other: nn.Module, tol: float = 1e-5) -> None:
+    """Equal counters; running statistics equal to ``tol`` relative to the buffer's norm (float32 summation order:
+    at 1x1 the attention logits come from an ill-conditioned sum, so elementwise relative errors can be larger)."""
     for (name, b1), (_, b2) in zip(ref.named_buffers(), other.named_buffers()):
-        torch.testing.assert_close(b2, b1, atol=1e-6, rtol=1e-5, msg=name)
+        if b1.is_floating_point():
+            assert b2.dtype == b1.dtype and rel(b2, b1) < tol, f"{name}: {rel(b2, b1):.2e}"
+        else:
+            assert torch.equal(b2, b1), name
 
 
 def sgd_steps(ref: nn.Module, other: nn.Module, shape, steps: int = 3, cl: bool = False, tol: float = 1e-5) -> None:
