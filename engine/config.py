@@ -119,6 +119,7 @@ class TrainConfig:
     seed: int = 0
     channels_last: bool = True
     compile: bool = False  # torch.compile the model
+    cuda_graph: bool = False  # compile with mode="reduce-overhead": CUDA graphs (CUDA only; see engine/accel.py)
     deterministic: bool = False  # deterministic algorithms (slower; used by resume tests)
     label_smoothing: float = 0.0
     mixup: float = 0.0  # mixup alpha (0 = off)
