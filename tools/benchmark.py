@@ -12,15 +12,17 @@ under ``torch.inference_mode()`` and autocast. After ``--warmup`` untimed steps 
 Data: by default (``--backend none``) one random batch is made once and stays on the device, so no
 data work is measured. ``--backend synthetic|torch|dali|dali_cpu`` feeds the steps from
 ``data.build_loaders`` instead and adds the loader-only images/s (batches pulled without compute) and
-the fraction of step time spent waiting for data.
+the fraction of step time spent waiting for data; several backends give one row per backend.
+``--compile auto`` compiles only the rows of the ``compile`` AN implementation (the one written for it).
 
 Peak memory is ``torch.cuda.max_memory_allocated`` (reset before each row) on the GPU; on the CPU it is
 the process's maximum resident set size so far (``ru_maxrss``, which never decreases across rows).
 The TFLOP/s column counts 2 FLOPs per MAC of ``models.count_macs`` (convolutions and linear layers)
-and a training step as 3 forward passes (ANCHORS 9). ``--ceilings`` first measures the machine's
-matrix-multiply TFLOP/s (bf16 on the GPU, fp32 on the CPU) and device copy bandwidth (bytes read +
-written). A failing row (bad option, missing kernel, out of memory) becomes an error row and the other
-rows still run; the exit status is 1 when any row failed (2 for an unknown model or norm).
+and a training step as 3 forward passes (the usual convention: the backward pass costs about twice the
+forward). ``--ceilings`` first measures the machine's matrix-multiply TFLOP/s (bf16 on the GPU, fp32 on the
+CPU) and device copy bandwidth (bytes read + written). A failing row (bad option, missing kernel, out of
+memory) becomes an error row and the other rows still run; the exit status is 1 when any row failed (2 for
+an unknown model or norm).
 ``--json`` is rewritten after every row, so a run cut short by a timeout keeps its finished rows.
 
 Usage::
@@ -256,6 +258,7 @@ def benchmark_row(
     channels_last: bool = True,
     compile: bool = False,
     compile_mode: str = "default",
+    compile_backend: str = "inductor",
     mode: str = "train",
     warmup: int = 10,
     steps: int = 20,
@@ -341,7 +344,11 @@ def benchmark_row(
     if count_macs and hasattr(models, "count_macs"):
         row["gmacs"] = models.count_macs(net, img_size) / 1e9
     net.train(mode == "train")
-    forward_model = torch.compile(net, mode=compile_mode) if compile else net
+    if compile:  # torch.compile takes a mode (inductor's) or another backend
+        options = {"mode": compile_mode} if compile_backend == "inductor" else {"backend": compile_backend}
+        forward_model = torch.compile(net, **options)
+    else:
+        forward_model = net
 
     loaders = None
     batches: Iterator | None = None
@@ -591,6 +598,7 @@ class RowSpec:
     precision: str
     compile: bool
     mode: str
+    backend: str = "none"
 
 
 def parse_model_kwargs(items: list[str] | None) -> dict[str, Any]:
@@ -623,13 +631,17 @@ def parse_rows(args: argparse.Namespace) -> list[tuple[str, str, int]]:
 
 def expand(args: argparse.Namespace) -> list[RowSpec]:
     """Every row to measure, in table order."""
-    compiles = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
     modes = list(MODES) if args.mode == "both" else [args.mode]
     specs = []
     for model, norm, batch in parse_rows(args):
         impls = args.an_impl if norm in AN_NORMS else [None]
-        for impl, prec, comp, mode in itertools.product(impls, args.precision, compiles, modes):
-            specs.append(RowSpec(model, norm, batch, impl, prec, comp, mode))
+        for impl, prec, backend in itertools.product(impls, args.precision, args.backend):
+            if args.compile == "auto":
+                compiles = [impl == "compile"]
+            else:
+                compiles = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
+            for comp, mode in itertools.product(compiles, modes):
+                specs.append(RowSpec(model, norm, batch, impl, prec, comp, mode, backend))
     return specs
 
 
@@ -660,10 +672,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         nargs="?",
         const="on",
         default="off",
-        choices=("off", "on", "both"),
-        help="torch.compile the model; 'both' measures eager and compiled rows",
+        choices=("off", "on", "both", "auto"),
+        help="torch.compile the model; 'both' measures eager and compiled rows; 'auto' compiles only the rows of "
+        "the 'compile' AN implementation",
     )
     g.add_argument("--compile-mode", default="default", choices=("default", "max-autotune", "reduce-overhead"))
+    g.add_argument(
+        "--compile-backend",
+        default="inductor",
+        help="torch.compile backend (e.g. eager: dynamo without code generation)",
+    )
     g.add_argument("--mode", default="train", choices=("train", "infer", "both"))
     g.add_argument(
         "--an-impl",
@@ -692,9 +710,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     d = p.add_argument_group("data")
     d.add_argument(
         "--backend",
-        default="none",
+        nargs="+",
+        default=["none"],
         choices=BACKENDS,
-        help="none: one fixed random batch on the device; else steps are fed by data.build_loaders",
+        help="none: one fixed random batch on the device; else steps are fed by data.build_loaders (several: a row "
+        "per backend)",
     )
     d.add_argument("--data-root", default=None, help="dataset root (ImageNet layout) for torch/dali/dali_cpu")
     d.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="loader workers / DALI threads")
@@ -702,8 +722,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     o.add_argument("--json", type=Path, default=None, help="write everything here (rewritten after each row)")
     o.add_argument("--markdown", type=Path, default=None, help="also write the table (and ceilings) here")
     args = p.parse_args(argv)
-    if args.backend not in ("none", "synthetic") and not args.data_root:
-        p.error(f"--backend {args.backend} needs --data-root")
+    folder = [b for b in args.backend if b not in ("none", "synthetic")]
+    if folder and not args.data_root:
+        p.error(f"--backend {' '.join(folder)} needs --data-root")
     return args
 
 
@@ -718,7 +739,10 @@ def _write_json(path: Path | None, payload: dict[str, Any]) -> None:
 
 def _label(s: RowSpec) -> str:
     impl = f"({s.an_impl})" if s.an_impl else ""
-    return f"{s.model} {s.norm}{impl} b{s.batch_size} {s.precision} {s.mode}{' compiled' if s.compile else ''}"
+    data_src = "" if s.backend == "none" else f" {s.backend}"
+    return (
+        f"{s.model} {s.norm}{impl} b{s.batch_size} {s.precision} {s.mode}{' compiled' if s.compile else ''}{data_src}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -756,6 +780,7 @@ def main(argv: list[str] | None = None) -> int:
                 channels_last=args.channels_last,
                 compile=s.compile,
                 compile_mode=args.compile_mode,
+                compile_backend=args.compile_backend,
                 mode=s.mode,
                 warmup=args.warmup,
                 steps=args.steps,
@@ -763,7 +788,7 @@ def main(argv: list[str] | None = None) -> int:
                 device=device,
                 an_impl=s.an_impl,
                 model_kwargs=model_kwargs,
-                backend=args.backend,
+                backend=s.backend,
                 data_root=args.data_root,
                 workers=args.workers,
                 num_classes=args.num_classes,
@@ -783,7 +808,7 @@ def main(argv: list[str] | None = None) -> int:
                 "compile": s.compile,
                 "compile_mode": args.compile_mode if s.compile else None,
                 "mode": s.mode,
-                "backend": args.backend,
+                "backend": s.backend,
                 "device": str(device),
                 "error": f"{type(e).__name__}: {e}",
             }
