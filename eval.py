@@ -24,7 +24,7 @@ from pathlib import Path
 import data
 from engine import checkpoint as ck
 from engine import distributed as du
-from engine.config import ConfigError, apply_overrides, config_from_dict, load_config, validate_names
+from engine.config import ConfigError, apply_overrides, config_from_dict, load_config, validate_model
 from engine.loop import amp_dtype, evaluate
 from train import build_loaders, build_model, expand_path, memory_format_of
 
@@ -64,7 +64,7 @@ def resolve_config(args, ckpt: dict):
     if args.workers is not None:
         cfg.data.workers = args.workers
     cfg.data.root = expand_path(cfg.data.root)
-    validate_names(cfg, args.config or str(path))
+    validate_model(cfg, args.config or str(path))
     return cfg
 
 
@@ -97,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
             "loss": result["loss"],
             "model": cfg.model.name,
             "norm": cfg.model.norm,
+            "attn_layer": cfg.model.options.get("attn_layer"),
             "checkpoint": str(ckpt_path),
             "ema": args.ema,
             "epoch": ckpt.get("epoch"),
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
                 "epochs": cfg.sched.epochs,
                 "label_smoothing": cfg.train.label_smoothing,
                 "mixup": cfg.train.mixup,
-                "deep_stem": cfg.model.deep_stem,
+                "deep_stem": cfg.model.options.get("deep_stem", False),
             },
             "git_rev": ckpt.get("git_rev"),
         }

@@ -39,7 +39,7 @@ import data
 import models
 from engine import checkpoint as ck
 from engine import distributed as du
-from engine.config import Config, ConfigError, load_config, validate_names
+from engine.config import Config, ConfigError, load_config
 from engine.logging import JsonlWriter, Progress, TensorBoard, get_logger, setup_logging
 from engine.loop import NonFiniteLossError, SoftTargetCrossEntropy, TrainContext, amp_dtype, evaluate, train_one_epoch
 from engine.optim import ModelEma, build_optimizer, make_schedule
@@ -80,28 +80,10 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def model_kwargs(cfg: Config) -> dict:
-    m = cfg.model
-    kwargs = dict(
-        norm_k=m.norm_k,
-        an_placement=m.an_placement,
-        an_attention=m.an_attention if m.an_attention != "hsigmoid" else None,
-        an_impl=m.an_impl if m.an_impl != "auto" else None,
-        gn_groups=m.gn_groups if m.gn_groups != 32 else None,
-        zero_init_last=m.zero_init_last,
-        deep_stem=m.deep_stem,
-        avg_down=m.avg_down,
-        drop_rate=m.drop_rate,
-    )
-    kwargs.update(m.kwargs)
-    return kwargs
-
-
 def build_model(cfg: Config) -> nn.Module:
     """The model a config describes (also used by eval.py and tools)."""
-    return models.create_model(
-        cfg.model.name, norm=cfg.model.norm, num_classes=cfg.model.num_classes, **model_kwargs(cfg)
-    )
+    m = cfg.model
+    return models.create_model(m.name, norm=m.norm, num_classes=m.num_classes, **m.options)
 
 
 def memory_format_of(cfg: Config) -> torch.memory_format:
@@ -203,7 +185,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         source = str(args.config)
-        validate_names(cfg, source)
         check_recipe(cfg, source)
         cfg.data.root = expand_path(cfg.data.root)
     except ConfigError as e:

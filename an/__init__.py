@@ -2,19 +2,22 @@
 
 Public interface (other packages rely on these names):
 
-- :func:`create_norm`, :func:`get_norm_layer`, :func:`list_norms`: the factory (``an/factory.py``).
+- The norm registry (``an/registry.py``): :func:`create_norm`, :func:`get_norm_layer`, :func:`list_norms`,
+  :func:`norm_entry` (how a backbone places a norm), :func:`register_norm` / :func:`unregister_norm` /
+  :func:`registered_norm` (add your own); the attention-layer registry: :func:`create_attn`,
+  :func:`get_attn_layer`, :func:`list_attns`, :func:`register_attn`. The built-in entries are registered in
+  ``an/factory.py``.
 - :func:`convert_sync_norm`: SyncBN conversion that keeps AN, SN and IEBN whole (``an/sync.py``).
 - :func:`param_groups`, :func:`zero_init_`: weight-decay groups and zero-init policy (``an/policy.py``).
-- :class:`SqueezeExcite`: SE block for backbones' ``se`` variant (``an/se.py``).
 - Layer classes: :class:`AttentiveBatchNorm2d`, :class:`AttentiveGroupNorm2d` (``an/attentive.py``),
-  :class:`SwitchableNorm2d`, :class:`SyncSwitchableNorm2d` (``an/switchable.py``), :class:`IEBatchNorm2d`;
-  the same AN layers with fused kernels or for torch.compile: :class:`FusedAttentiveBatchNorm2d`,
-  :class:`FusedAttentiveGroupNorm2d`, :class:`CompileAttentiveBatchNorm2d`, :class:`CompileAttentiveGroupNorm2d`
-  (``an/fused.py``; chosen by ``create_norm(..., impl=...)``).
+  :class:`SwitchableNorm2d`, :class:`SyncSwitchableNorm2d` (``an/switchable.py``), :class:`IEBatchNorm2d`,
+  :class:`SqueezeExcite`; the same AN layers with fused kernels or for torch.compile:
+  :class:`FusedAttentiveBatchNorm2d`, :class:`FusedAttentiveGroupNorm2d`, :class:`CompileAttentiveBatchNorm2d`,
+  :class:`CompileAttentiveGroupNorm2d` (``an/fused.py``; chosen by ``create_norm(..., impl=...)``).
 """
 
+from an import factory  # registers the built-in norms and attention layers
 from an.attentive import ATTENTION_MODES, AttentiveBatchNorm2d, AttentiveGroupNorm2d, AttentiveNorm2d, MixtureAttention
-from an.factory import create_norm, get_norm_layer, list_norms
 from an.fused import (
     CompileAttentiveBatchNorm2d,
     CompileAttentiveGroupNorm2d,
@@ -23,6 +26,23 @@ from an.fused import (
 )
 from an.iebn import IEBatchNorm2d
 from an.policy import param_groups, zero_init_
+from an.registry import (
+    AttnEntry,
+    NormEntry,
+    attn_entry,
+    create_attn,
+    create_norm,
+    get_attn_layer,
+    get_norm_layer,
+    list_attns,
+    list_norms,
+    norm_entry,
+    register_attn,
+    register_norm,
+    registered_norm,
+    unregister_attn,
+    unregister_norm,
+)
 from an.se import SqueezeExcite
 from an.switchable import SwitchableNorm2d, SyncSwitchableNorm2d
 from an.sync import convert_sync_norm
@@ -32,19 +52,32 @@ __all__ = [
     "AttentiveBatchNorm2d",
     "AttentiveGroupNorm2d",
     "AttentiveNorm2d",
+    "AttnEntry",
     "CompileAttentiveBatchNorm2d",
     "CompileAttentiveGroupNorm2d",
     "FusedAttentiveBatchNorm2d",
     "FusedAttentiveGroupNorm2d",
     "IEBatchNorm2d",
     "MixtureAttention",
+    "NormEntry",
     "SqueezeExcite",
     "SwitchableNorm2d",
     "SyncSwitchableNorm2d",
+    "attn_entry",
     "convert_sync_norm",
+    "create_attn",
     "create_norm",
+    "factory",
+    "get_attn_layer",
     "get_norm_layer",
+    "list_attns",
     "list_norms",
+    "norm_entry",
     "param_groups",
+    "register_attn",
+    "register_norm",
+    "registered_norm",
+    "unregister_attn",
+    "unregister_norm",
     "zero_init_",
 ]

@@ -27,18 +27,24 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from an.checks import check_choice, check_int
 from an.functional import channel_stats, compute_dtype, fp32_region, hw_unbiased, mixture_affine, standardize_affine
 
-__all__ = ["ATTENTION_MODES", "AttentiveBatchNorm2d", "AttentiveGroupNorm2d", "AttentiveNorm2d", "MixtureAttention"]
+__all__ = [
+    "ATTENTION_MODES",
+    "DEFAULT_ATTENTION",
+    "DEFAULT_GROUPS",
+    "DEFAULT_K",
+    "AttentiveBatchNorm2d",
+    "AttentiveGroupNorm2d",
+    "AttentiveNorm2d",
+    "MixtureAttention",
+]
 
 ATTENTION_MODES = ("hsigmoid", "sigmoid", "softmax")
+DEFAULT_ATTENTION = "hsigmoid"  # the paper's (the official code's attention mode 2)
 DEFAULT_K = 10  # the paper's K for the first two ResNet/DenseNet/AOGNet stages
-
-
-def _check_k(k: int) -> int:
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"AttentiveNorm: k (number of mixture components) must be an integer >= 1, got {k!r}")
-    return k
+DEFAULT_GROUPS = 32  # GroupNorm groups (Wu and He's default; the official ResNet configs' norm_groups)
 
 
 class MixtureAttention(nn.Module):
@@ -54,11 +60,11 @@ class MixtureAttention(nn.Module):
         eps: Added to the variance in the descriptor (1e-3 in the reference code).
     """
 
-    def __init__(self, num_features: int, k: int = DEFAULT_K, mode: str = "hsigmoid", eps: float = 1e-3) -> None:
+    def __init__(self, num_features: int, k: int = DEFAULT_K, mode: str = DEFAULT_ATTENTION, eps: float = 1e-3) -> None:
         super().__init__()
-        if mode not in ATTENTION_MODES:
-            raise ValueError(f"AttentiveNorm: unknown attention {mode!r}; valid: {', '.join(ATTENTION_MODES)}")
-        self.num_features, self.k, self.mode, self.eps = num_features, _check_k(k), mode, eps
+        self.num_features, self.eps = num_features, eps
+        self.k = check_int("AttentiveNorm", "k (number of mixture components)", k)
+        self.mode = check_choice("AttentiveNorm", "attention", mode, ATTENTION_MODES)
         self.conv = nn.Conv2d(num_features, k, kernel_size=1, bias=False)
         self.bn = nn.BatchNorm2d(k)  # BN over the K logits (they are viewed as (N, K, 1, 1))
         self.reset_parameters()
@@ -108,7 +114,9 @@ class AttentiveNorm2d(nn.Module):
         attention: Attention activation, one of ``ATTENTION_MODES``.
     """
 
-    def __init__(self, num_features: int, norm: nn.Module, k: int = DEFAULT_K, attention: str = "hsigmoid") -> None:
+    def __init__(
+        self, num_features: int, norm: nn.Module, k: int = DEFAULT_K, attention: str = DEFAULT_ATTENTION
+    ) -> None:
         super().__init__()
         self.num_features = num_features
         self.norm = norm
@@ -170,7 +178,7 @@ class AttentiveBatchNorm2d(AttentiveNorm2d):
         self,
         num_features: int,
         k: int = DEFAULT_K,
-        attention: str = "hsigmoid",
+        attention: str = DEFAULT_ATTENTION,
         eps: float = 1e-5,
         momentum: float | None = 0.1,
     ) -> None:
@@ -196,8 +204,8 @@ class AttentiveGroupNorm2d(AttentiveNorm2d):
         self,
         num_features: int,
         k: int = DEFAULT_K,
-        attention: str = "hsigmoid",
-        groups: int = 32,
+        attention: str = DEFAULT_ATTENTION,
+        groups: int = DEFAULT_GROUPS,
         eps: float = 1e-5,
         momentum: float | None = 0.1,
     ) -> None:
@@ -208,8 +216,7 @@ class AttentiveGroupNorm2d(AttentiveNorm2d):
 
 def check_groups(layer: str, num_features: int, groups: int) -> None:
     """Raises ValueError unless ``groups`` is a positive integer dividing ``num_features``."""
-    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
-        raise ValueError(f"{layer}: groups must be a positive integer, got {groups!r}")
+    check_int(layer, "groups", groups)
     if num_features % groups:
         raise ValueError(
             f"{layer}: {num_features} channels cannot be split into {groups} groups; "

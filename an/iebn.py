@@ -1,7 +1,7 @@
 """Instance Enhancement Batch Normalization (IEBN).
 
 Reference: S. Liang, Z. Huang, M. Liang and H. Yang, "Instance Enhancement Batch Normalization: an Adaptive
-Regulator of Batch Noise", AAAI 2020. Written from ``AN_SPEC.md`` section 8:
+Regulator of Batch Noise", AAAI 2020 (the authors' code: gbup-group/IEBN); see ``docs/AN.md`` section 8:
 
     y = x_hat * gamma_c * sigmoid(a_c * mean_hw(x)[n, c] + b_c) + beta_c
 

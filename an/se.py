@@ -3,12 +3,14 @@
 Reference: J. Hu, L. Shen and G. Sun, "Squeeze-and-Excitation Networks", CVPR 2018. ``s = sigmoid(W2 relu(W1
 GAP(u)))`` with W1: C -> C/r, W2: C/r -> C, output ``u * s``. The FCs are 1x1 convolutions so a model's
 conv init applies to them. ``bias=False`` gives the bias-free variant (SE-ResNet-50: 28.09M parameters with
-biased FCs, 28.07M without; AN_SPEC section 7). Placement in a block is the backbone's business.
+biased FCs, 28.07M without; ``docs/AN.md`` section 8). Placement in a block is the backbone's business.
 """
 
 from __future__ import annotations
 
 from torch import Tensor, nn
+
+from an.checks import check_int
 
 __all__ = ["SqueezeExcite"]
 
@@ -24,8 +26,7 @@ class SqueezeExcite(nn.Module):
 
     def __init__(self, channels: int, reduction: int = 16, bias: bool = True) -> None:
         super().__init__()
-        if isinstance(reduction, bool) or not isinstance(reduction, int) or reduction < 1:
-            raise ValueError(f"SqueezeExcite: reduction must be an integer >= 1, got {reduction!r}")
+        check_int("SqueezeExcite", "reduction", reduction)
         hidden = max(1, channels // reduction)
         self.fc1 = nn.Conv2d(channels, hidden, kernel_size=1, bias=bias)
         self.act = nn.ReLU(inplace=True)

@@ -1,7 +1,7 @@
 """Switchable Normalization (SN) and its synchronised variant.
 
 Reference: P. Luo, J. Ren, Z. Peng, R. Zhang and J. Li, "Differentiable Learning-to-Normalize via Switchable
-Normalization", ICLR 2019 (arXiv 1806.10779). Written from the description in ``AN_SPEC.md`` section 7:
+Normalization", ICLR 2019 (arXiv 1806.10779); the SN paper's definition, see ``docs/AN.md`` section 8:
 
     y = gamma * (x - sum_k w_k mu_k) / sqrt(sum_k w'_k sigma2_k + eps) + beta,   k in {IN, LN, BN}
     w = softmax(mean_weight), w' = softmax(var_weight)   (two separate triplets, initialised equal)

@@ -1,4 +1,4 @@
-"""Image transforms of the recipe (AN_SPEC section 3) on PIL images, and the on-device normalization.
+"""Image transforms of the recipe (``docs/AN.md`` 4.1, 4.3) on PIL images, and the on-device normalization.
 
 Train: random-resized crop (Inception-style: area fraction in ``scale``, log-uniform aspect ratio in
 ``ratio``, 10 attempts, then a centered crop with the ratio clamped) resized to ``img_size`` with

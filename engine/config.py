@@ -17,8 +17,8 @@ Example::
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
-import difflib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
+
+from an.checks import did_you_mean
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -37,27 +39,23 @@ class ConfigError(ValueError):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Sections. Comments after each field are the documentation users see in `configs/README` style.
+# Sections. The comment after each field documents it (README "Configuration" points here).
 # ----------------------------------------------------------------------------------------------------
 
 
 @dataclass
 class ModelConfig:
+    """The ``model:`` section: ``name``, ``norm``, ``num_classes``, and any option of that model.
+
+    Every other key is an option of the model (the keyword-only parameters of its class, with their defaults
+    there; ``models.model_options(name)`` lists them), e.g. ``norm_k``, ``norm_kwargs``, ``norm_placement``,
+    ``attn_layer``, ``deep_stem``, ``drop_rate``. They are kept in ``options`` and written back flat.
+    """
+
     name: str = "resnet50"  # a name from models.list_models()
-    norm: str = "bn"  # bn | gn | sn | se | an | an_gn | iebn
+    norm: str = "bn"  # a name from an.list_norms(): bn | gn | sn | an | an_gn | iebn | yours
     num_classes: int = 1000
-    # Attentive Normalization options (ignored by other norms).
-    norm_k: list[int] | None = None  # K per stage; None = the paper's values for the backbone
-    an_placement: str | None = None  # ResNet: bn2 (paper) | bn3 | all; None = the backbone's default
-    an_attention: Literal["hsigmoid", "sigmoid", "softmax"] = "hsigmoid"
-    an_impl: Literal["auto", "reference", "fused", "compile"] = "auto"  # AN kernel implementation (see an/fused.py)
-    gn_groups: int = 32  # groups for gn / an_gn
-    # Architecture options.
-    zero_init_last: bool | None = None  # zero-init the last norm of residual blocks; None = backbone default
-    deep_stem: bool | None = None  # ResNet: 3x3 deep stem + 2x2 max-pool (the 200-epoch "advanced" rows)
-    avg_down: bool | None = None  # ResNet: average-pool downsampling in projection shortcuts
-    drop_rate: float | None = None  # dropout before the classifier (MobileNetV2) / in node ops (AOGNet)
-    kwargs: dict[str, Any] = field(default_factory=dict)  # extra keyword arguments for the model builder
+    options: dict[str, Any] = field(default_factory=dict)  # the model's options (see the class docstring)
 
 
 @dataclass
@@ -168,7 +166,10 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Nested plain dict, as written to YAML and checkpoints (model options flat in ``model``)."""
+        out = dataclasses.asdict(self)
+        out["model"].update(out["model"].pop("options"))
+        return out
 
     def dump(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -197,9 +198,6 @@ def _pair(lo: float, hi: float | None = None):
 
 _CHECKS: dict[tuple[str, str], tuple[Any, str]] = {
     ("model", "num_classes"): (lambda v: v >= 1, "an integer >= 1"),
-    ("model", "norm_k"): (lambda v: v is None or (len(v) > 0 and all(k >= 1 for k in v)), "null or a list of K >= 1"),
-    ("model", "gn_groups"): (lambda v: v >= 1, "an integer >= 1"),
-    ("model", "drop_rate"): _optional((lambda v: 0.0 <= v < 1.0, "a number in [0, 1)")),
     ("data", "batch_size"): (lambda v: v >= 1, "an integer >= 1"),
     ("data", "eval_batch_size"): _optional((lambda v: v >= 1, "an integer >= 1")),
     ("data", "workers"): (lambda v: v >= 0, "an integer >= 0"),
@@ -254,11 +252,6 @@ _CHECKS: dict[tuple[str, str], tuple[Any, str]] = {
 # ----------------------------------------------------------------------------------------------------
 
 
-def _did_you_mean(word: str, choices: typing.Iterable[str]) -> str:
-    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
-    return f" Did you mean '{close[0]}'?" if close else ""
-
-
 def _where(source: str | None) -> str:
     return f" in {source}" if source else ""
 
@@ -270,10 +263,10 @@ def _type_name(tp: Any) -> str:
     if origin in (Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         return " or ".join(_type_name(a) for a in args) + " or null"
-    if origin is list:
-        (inner,) = typing.get_args(tp)
-        return f"a list of {_type_name(inner)}"
-    if origin is dict:
+    if origin in (list, tuple, collections.abc.Sequence):
+        args = typing.get_args(tp)
+        return f"a list of {_type_name(args[0])}" if args else "a list"
+    if origin in (dict, collections.abc.Mapping):
         return "a mapping"
     return {int: "an integer", float: "a number", bool: "true/false", str: "a string"}.get(tp, str(tp))
 
@@ -303,12 +296,12 @@ def _coerce(value: Any, tp: Any) -> Any:
             except _Mismatch:
                 continue
         raise _Mismatch
-    if origin is list:
-        (inner,) = typing.get_args(tp)
+    if origin in (list, tuple, collections.abc.Sequence):
+        inner = typing.get_args(tp)[0] if typing.get_args(tp) else Any
         if isinstance(value, (list, tuple)):
             return [_coerce(v, inner) for v in value]
         raise _Mismatch
-    if origin is dict:
+    if origin in (dict, collections.abc.Mapping):
         if isinstance(value, dict):
             return dict(value)
         raise _Mismatch
@@ -350,13 +343,16 @@ def _set(cfg: Config, section: str, key: str, value: Any, source: str | None) ->
     """Sets ``section.key`` on ``cfg`` after checking the name, the type and the value."""
     if section not in SECTIONS:
         raise ConfigError(
-            f"Unknown config section '{section}'{_where(source)}.{_did_you_mean(section, SECTIONS)} "
+            f"Unknown config section '{section}'{_where(source)}.{did_you_mean(section, SECTIONS)} "
             f"Valid sections: {', '.join(SECTIONS)}."
         )
     fields = _section_fields(SECTIONS[section])
+    if section == "model" and (key not in fields or key == "options"):
+        cfg.model.options[key] = value  # a model option: checked against the model by validate_model()
+        return
     if key not in fields:
         raise ConfigError(
-            f"Unknown config key '{section}.{key}'{_where(source)}.{_did_you_mean(key, fields)} "
+            f"Unknown config key '{section}.{key}'{_where(source)}.{did_you_mean(key, fields)} "
             f"Valid keys of '{section}': {', '.join(fields)}."
         )
     tp = fields[key]
@@ -382,7 +378,7 @@ def _set(cfg: Config, section: str, key: str, value: Any, source: str | None) ->
 def _literal_hint(value: Any, tp: Any) -> str:
     for arg in (tp, *typing.get_args(tp)):
         if typing.get_origin(arg) is Literal:
-            return _did_you_mean(value, typing.get_args(arg))
+            return did_you_mean(value, typing.get_args(arg))
     return ""
 
 
@@ -396,7 +392,7 @@ def config_from_dict(data: dict[str, Any] | None, source: str | None = None) -> 
     for section, values in data.items():
         if section not in SECTIONS:
             raise ConfigError(
-                f"Unknown config section '{section}'{_where(source)}.{_did_you_mean(section, SECTIONS)} "
+                f"Unknown config section '{section}'{_where(source)}.{did_you_mean(section, SECTIONS)} "
                 f"Valid sections: {', '.join(SECTIONS)}."
             )
         if values is None:
@@ -408,29 +404,48 @@ def config_from_dict(data: dict[str, Any] | None, source: str | None = None) -> 
     return cfg
 
 
-def parse_override(text: str) -> tuple[str, str, Any]:
-    """Parses ``section.key=value``; the value is read as YAML (numbers, true/false, null, lists)."""
+def parse_override(text: str) -> tuple[str, str, tuple[str, ...], Any]:
+    """Parses ``section.key=value`` or ``section.key.sub=value`` (a key of a mapping-valued option, e.g.
+    ``model.norm_kwargs.impl=fused``); the value is read as YAML (numbers, true/false, null, lists)."""
     if "=" not in text:
         raise ConfigError(f"Bad override '{text}': expected section.key=value, e.g. optim.lr=0.2.")
     path, raw = text.split("=", 1)
     parts = path.strip().split(".")
-    if len(parts) != 2 or not all(parts):
+    if len(parts) < 2 or not all(parts):
         raise ConfigError(f"Bad override '{text}': the key must be section.key, e.g. data.root=/data/imagenet.")
     raw = raw.strip()
     if raw in ("None", "none"):
-        return parts[0], parts[1], None
+        return parts[0], parts[1], tuple(parts[2:]), None
     try:
         value = yaml.safe_load(raw) if raw else ""
     except yaml.YAMLError as e:
         raise ConfigError(f"Bad override '{text}': the value is not valid YAML ({e}).") from None
-    return parts[0], parts[1], value
+    return parts[0], parts[1], tuple(parts[2:]), value
+
+
+def _current(cfg: Config, section: str, key: str) -> Any:
+    if section == "model" and key in cfg.model.options:
+        return cfg.model.options[key]
+    return getattr(getattr(cfg, section, None), key, None)
 
 
 def apply_overrides(cfg: Config, overrides: typing.Sequence[str]) -> Config:
-    """Applies dotted ``section.key=value`` overrides in order (later ones win)."""
+    """Applies dotted ``section.key[.sub...]=value`` overrides in order (later ones win)."""
     for text in overrides:
-        section, key, value = parse_override(text)
-        _set(cfg, section, key, value, f"command-line override '{text}'")
+        section, key, sub, value = parse_override(text)
+        source = f"command-line override '{text}'"
+        if sub:
+            root = _current(cfg, section, key)
+            if root is not None and not isinstance(root, dict):
+                raise ConfigError(f"Bad override '{text}': '{section}.{key}' is not a mapping, so it has no sub-keys.")
+            root = dict(root or {})
+            node = root
+            for part in sub[:-1]:
+                node[part] = dict(node.get(part) or {})
+                node = node[part]
+            node[sub[-1]] = value
+            value = root
+        _set(cfg, section, key, value, source)
     return cfg
 
 
@@ -445,12 +460,12 @@ def resolve_config_path(name: str | Path) -> Path:
     available = sorted(p.name for p in CONFIG_DIR.glob("*.yaml"))
     raise ConfigError(
         f"Config file '{name}' not found: it is neither an existing path nor a file in {CONFIG_DIR}."
-        f"{_did_you_mean(path.name, available)} Available configs: {', '.join(available) or '(none)'}."
+        f"{did_you_mean(path.name, available)} Available configs: {', '.join(available) or '(none)'}."
     )
 
 
 def load_config(name: str | Path, overrides: typing.Sequence[str] = ()) -> Config:
-    """Loads a YAML experiment file (see :func:`resolve_config_path`) and applies overrides."""
+    """Loads a YAML experiment file (see :func:`resolve_config_path`), applies overrides and validates the model."""
     path = resolve_config_path(name)
     try:
         data = yaml.safe_load(path.read_text())
@@ -460,24 +475,49 @@ def load_config(name: str | Path, overrides: typing.Sequence[str] = ()) -> Confi
     apply_overrides(cfg, overrides)
     if not cfg.train.output_dir.strip():
         cfg.train.output_dir = str(Path("runs") / path.stem)
+    validate_model(cfg, str(path))
     return cfg
 
 
-def validate_names(cfg: Config, source: str | None = None) -> None:
-    """Checks model.name and model.norm against the registries (imported lazily: config stays light)."""
+def validate_model(cfg: Config, source: str | None = None) -> None:
+    """Checks the ``model`` section against the registries: the name, the norm, each option's name and type
+    (from the model's signature), then the values, by building the model on the meta device (no memory), so
+    every error a model would raise surfaces here, naming the file. Coerces option values in place."""
+    import torch
+
     import an
     import models
 
+    m = cfg.model
     names = models.list_models()
-    if cfg.model.name not in names:
+    if m.name not in names:
         raise ConfigError(
-            f"Unknown model '{cfg.model.name}' for 'model.name'{_where(source)}."
-            f"{_did_you_mean(cfg.model.name, names)} Valid models: {', '.join(names)}."
+            f"Unknown model '{m.name}' for 'model.name'{_where(source)}.{did_you_mean(m.name, names)} "
+            f"Valid models: {', '.join(names)}."
         )
-    norms = models.list_norm_types()
-    if cfg.model.norm not in norms:
+    norms = an.list_norms()
+    if m.norm not in norms:
         raise ConfigError(
-            f"Unknown norm '{cfg.model.norm}' for 'model.norm'{_where(source)}."
-            f"{_did_you_mean(cfg.model.norm, norms)} Valid norms: {', '.join(norms)}."
+            f"Unknown norm '{m.norm}' for 'model.norm'{_where(source)}.{did_you_mean(m.norm, norms)} "
+            f"Valid norms: {', '.join(norms)}."
         )
-    del an  # imported for its registry side effects only
+    valid = {k: v for k, v in models.model_options(m.name).items() if k not in ("norm", "num_classes")}
+    for key, value in m.options.items():
+        if key not in valid:
+            raise ConfigError(
+                f"Unknown option 'model.{key}' for model '{m.name}'{_where(source)}.{did_you_mean(key, valid)} "
+                f"Options of {m.name}: {', '.join(valid)} (see models.model_options('{m.name}'))."
+            )
+        default, tp = valid[key]
+        try:
+            m.options[key] = _coerce(value, tp)
+        except (_Mismatch, TypeError):
+            raise ConfigError(
+                f"Bad value for 'model.{key}'{_where(source)}: got {value!r}, expected {_type_name(tp)} "
+                f"(default: {default!r})."
+            ) from None
+    try:
+        with torch.device("meta"):
+            models.create_model(m.name, norm=m.norm, num_classes=m.num_classes, **m.options)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"Bad model options{_where(source)} (section 'model'): {e}") from None

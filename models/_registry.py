@@ -1,49 +1,51 @@
-"""The model registry: one dict from model name to builder function, plus option checking (ours).
+"""The model registry: one dict from model name to builder, and each model's options read from its signature.
 
-Every backbone builder is registered with :func:`register_model` and built with :func:`create_model`, which
-drops keyword arguments whose value is ``None`` (so a config default of ``None`` never overrides a model's own
-default, the trick timm's ``create_model`` uses). Each family declares its options and defaults as a plain
-dict; :func:`resolve_options` rejects anything else with a message that lists what is supported.
+A builder is registered with :func:`register_model` and built with :func:`create_model`. A model's options are
+the keyword-only parameters of its class (``ResNet``, ``DenseNet``, ...): their defaults there are the only
+defaults, and :func:`model_options` exposes them (with their annotations) so that configuration checks derive
+from the models instead of keeping a parallel table.
 """
 
 from __future__ import annotations
 
-import difflib
-from collections.abc import Callable, Mapping
+import inspect
+import typing
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 from torch import nn
 
-__all__ = [
-    "NORM_TYPES",
-    "check_norm_type",
-    "create_model",
-    "is_model",
-    "list_models",
-    "list_norm_types",
-    "model_entrypoint",
-    "register_model",
-    "resolve_options",
-]
+from an.checks import did_you_mean
 
-NORM_TYPES = ("bn", "gn", "sn", "se", "an", "an_gn", "iebn")
+__all__ = ["create_model", "is_model", "list_models", "model_entrypoint", "model_options", "register_model"]
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
+_OPTIONS_FROM: dict[str, Callable[..., Any]] = {}
 
 F = TypeVar("F", bound=Callable[..., nn.Module])
 
 
-def register_model(fn: F) -> F:
-    """Decorator: registers a builder under its function name (``fn(norm=..., num_classes=..., **options)``).
+def register_model(fn: F | None = None, *, options: Callable[..., Any] | None = None):
+    """Decorator: registers a builder under its function name.
+
+    Args:
+        fn: The builder, ``fn(**options) -> nn.Module``.
+        options: The callable whose keyword-only parameters are the model's options (its class); default
+            ``fn`` itself.
 
     Raises:
         ValueError: If the name is already registered by a different function.
     """
-    name = fn.__name__
-    if name in _MODELS and _MODELS[name] is not fn:
-        raise ValueError(f"Model '{name}' is already registered (by {_MODELS[name].__module__}).")
-    _MODELS[name] = fn
-    return fn
+
+    def add(f: F) -> F:
+        name = f.__name__
+        if name in _MODELS and _MODELS[name] is not f:
+            raise ValueError(f"Model '{name}' is already registered (by {_MODELS[name].__module__}).")
+        _MODELS[name] = f
+        _OPTIONS_FROM[name] = options or f
+        return f
+
+    return add(fn) if fn is not None else add
 
 
 def list_models() -> list[str]:
@@ -51,86 +53,62 @@ def list_models() -> list[str]:
     return sorted(_MODELS)
 
 
-def list_norm_types() -> list[str]:
-    """The norm types every model accepts: ``['bn', 'gn', 'sn', 'se', 'an', 'an_gn', 'iebn']``."""
-    return list(NORM_TYPES)
-
-
 def is_model(name: str) -> bool:
     """Whether ``name`` is a registered model."""
     return name in _MODELS
 
 
-def _did_you_mean(name: str, choices: list[str]) -> str:
-    close = difflib.get_close_matches(name, choices, n=3, cutoff=0.6)
-    return f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-
-
 def model_entrypoint(name: str) -> Callable[..., nn.Module]:
-    """The builder registered as ``name``.
-
-    Raises:
-        ValueError: For an unknown name, with close matches and the list of valid names.
-    """
+    """The builder registered as ``name`` (ValueError with close matches for an unknown name)."""
     if name not in _MODELS:
         names = list_models()
-        raise ValueError(f"Unknown model '{name}'.{_did_you_mean(name, names)} Valid models: {', '.join(names)}.")
+        raise ValueError(f"Unknown model '{name}'.{did_you_mean(name, names)} Valid models: {', '.join(names)}.")
     return _MODELS[name]
 
 
-def check_norm_type(norm: str) -> str:
-    """Returns ``norm`` if it is one of :data:`NORM_TYPES`, else raises ValueError naming the valid types."""
-    if norm not in NORM_TYPES:
-        raise ValueError(
-            f"Unknown norm type {norm!r}.{_did_you_mean(str(norm), list(NORM_TYPES))} "
-            f"Valid norm types: {', '.join(NORM_TYPES)}."
-        )
-    return norm
+def model_options(name: str) -> dict[str, tuple[Any, Any]]:
+    """The options of model ``name``: ``{option: (default, annotation)}``, in signature order.
 
-
-def resolve_options(model: str, options: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:
-    """Merges user ``options`` into a family's ``defaults``; ``None`` values keep the default.
-
-    Args:
-        model: Model name, for the error message.
-        options: Keyword arguments given by the caller.
-        defaults: Every option the family supports, with its default.
-
-    Returns:
-        A new dict holding every supported option.
-
-    Raises:
-        ValueError: If an option is not supported, e.g. ``"mobilenetv2 does not support option 'deep_stem';
-            supported: ..."``.
+    The annotation is resolved to a type where possible (``typing.Any`` otherwise).
     """
-    unknown = [k for k in options if k not in defaults]
-    if unknown:
-        k = unknown[0]
-        close = difflib.get_close_matches(k, list(defaults), n=1, cutoff=0.6)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise ValueError(f"{model} does not support option '{k}'{hint}; supported: {', '.join(sorted(defaults))}.")
-    out = dict(defaults)
-    out.update({k: v for k, v in options.items() if v is not None})
+    model_entrypoint(name)
+    target = _OPTIONS_FROM[name]
+    init = target.__init__ if inspect.isclass(target) else target
+    try:
+        hints = typing.get_type_hints(init)
+    except Exception:  # unresolvable annotations: no types, names and defaults still work
+        hints = {}
+    out = {}
+    for p in inspect.signature(target).parameters.values():
+        if p.kind is p.KEYWORD_ONLY:
+            out[p.name] = (p.default, hints.get(p.name, Any))
     return out
 
 
-def create_model(name: str, norm: str = "bn", num_classes: int = 1000, **kwargs: Any) -> nn.Module:
+def create_model(name: str, norm: str | None = None, **kwargs: Any) -> nn.Module:
     """Builds a registered model.
 
     Args:
         name: A name from :func:`list_models`, e.g. ``'resnet50'``.
-        norm: A norm type from :func:`list_norm_types`.
-        num_classes: Classifier outputs (0 = no classifier; the model returns pooled features).
-        **kwargs: Model options (see ``docs/MODELS.md``); options whose value is ``None`` are dropped so
-            that the model's default applies.
+        norm: A norm from ``an.list_norms()`` (None: the model's default, ``'bn'``).
+        **kwargs: The model's options (:func:`model_options`; ``docs/MODELS.md``), e.g. ``num_classes``,
+            ``norm_k``, ``norm_kwargs``, ``attn_layer``.
 
     Returns:
         The model, initialised, on the current default device (use ``with torch.device('meta'):`` to build
         without allocating memory).
 
     Raises:
-        ValueError: For an unknown model, norm type or option, or a bad option value.
+        ValueError: For an unknown model, norm or option, or a bad option value.
     """
     fn = model_entrypoint(name)
-    kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    return fn(norm=check_norm_type(norm), num_classes=num_classes, **kwargs)
+    if norm is not None:
+        kwargs["norm"] = norm
+    valid = model_options(name)
+    unknown = [k for k in kwargs if k not in valid]
+    if unknown and valid:
+        raise ValueError(
+            f"{name} does not support option '{unknown[0]}'.{did_you_mean(unknown[0], valid)} "
+            f"Supported: {', '.join(valid)}."
+        )
+    return fn(**kwargs)

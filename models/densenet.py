@@ -4,12 +4,12 @@ References: G. Huang et al., "Densely Connected Convolutional Networks", CVPR 20
 layers norm -> ReLU -> 1x1 conv (bn_size * growth) -> norm -> ReLU -> 3x3 conv (growth); transitions norm ->
 ReLU -> 1x1 conv (halving) -> 2x2 average pool; final norm); X. Li, W. Sun and T. Wu, "Attentive
 Normalization", ECCV 2020 (AN replaces the second norm of every dense layer, the one right before the 3x3
-conv, K = [10, 10, 20, 20] per dense block; transitions and the final norm stay plain; AN_SPEC 2.3).
+conv, K = [10, 10, 20, 20] per dense block; transitions and the final norm stay plain; ``docs/AN.md`` 2.3).
 
-What is ours: the code; the ``se`` variant puts an SE module on the same bottleneck (after norm2 + ReLU,
-before the 3x3 conv: ``bn_size * growth`` = 128 channels, reduction ``se_reduction``), i.e. where AN
-recalibrates, since an SE on the 32 new channels of a layer would have a 2-unit hidden layer; DenseNet has no
-residual branch, so ``zero_init_last=True`` is an error. ``drop_rate`` is dropout before the classifier.
+What is ours: the code; an attention layer (``attn_layer='se'``) goes on the same bottleneck (after norm2 +
+ReLU, before the 3x3 conv: ``bn_size * growth`` = 128 channels), i.e. where AN recalibrates, since an SE on the
+32 new channels of a layer would have a 2-unit hidden layer; DenseNet has no residual branch, so it has no
+``zero_init_last`` option. ``drop_rate`` is dropout before the classifier.
 With ``norm='bn'`` the module names and shapes match torchvision's DenseNets.
 
 Init: convs Kaiming-normal (fan_out); norms their own init; the FC PyTorch's default.
@@ -17,18 +17,20 @@ Init: convs Kaiming-normal (fan_out); norms their own init; the FC PyTorch's def
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._layers import check_flag, check_int, check_rate, classifier, conv2d, family_options, norm_options
-from ._norms import NormFn, NormLayers, make_norm_layers
-from ._registry import register_model, resolve_options
+from an.checks import check_int, check_rate
 
-__all__ = ["DenseLayer", "DenseNet"]
+from ._layers import classifier, conv2d
+from ._norms import NormFn, make_norm_layers
+from ._registry import register_model
+
+__all__ = ["DenseLayer", "DenseNet", "densenet121", "densenet169", "densenet201"]
 
 
 class DenseLayer(nn.Module):
@@ -40,7 +42,7 @@ class DenseLayer(nn.Module):
         bn_size: Bottleneck width factor (bottleneck = ``bn_size * growth_rate``).
         norm: Constructor for norm1.
         norm2: Constructor for norm2.
-        se: SE-module constructor or None.
+        se: Attention-layer constructor or None.
     """
 
     def __init__(
@@ -97,8 +99,12 @@ class DenseNet(nn.Module):
 
     Args:
         block_config: Dense layers per block (4 blocks).
-        norm_layers: Norm constructors; ``stages`` has one entry per dense block (for norm2).
+        norm: Norm name (``an.list_norms()``); a placed norm such as AN goes at every dense layer's norm2.
         num_classes: Classifier outputs (0 = return pooled features).
+        norm_k: K per dense block for norms that take one (AN); [10, 10, 20, 20] as in the authors' refactor.
+        norm_kwargs: Options of the norm.
+        attn_layer: Attention layer on every dense layer's bottleneck (``an.list_attns()``, e.g. ``'se'``).
+        attn_kwargs: Its options.
         growth_rate: New channels per dense layer.
         bn_size: Bottleneck width factor.
         num_init_features: Stem width.
@@ -109,9 +115,13 @@ class DenseNet(nn.Module):
     def __init__(
         self,
         block_config: Sequence[int],
-        norm_layers: NormLayers,
-        num_classes: int = 1000,
         *,
+        norm: str = "bn",
+        num_classes: int = 1000,
+        norm_k: Sequence[int] = (10, 10, 20, 20),
+        norm_kwargs: Mapping[str, Any] | None = None,
+        attn_layer: str | None = None,
+        attn_kwargs: Mapping[str, Any] | None = None,
         growth_rate: int = 32,
         bn_size: int = 4,
         num_init_features: int = 64,
@@ -119,18 +129,26 @@ class DenseNet(nn.Module):
         drop_rate: float = 0.0,
     ) -> None:
         super().__init__()
+        owner = "DenseNet"
+        norm_layers = make_norm_layers(
+            owner, norm, norm_k, norm_kwargs, attn_layer, attn_kwargs, stage_name="dense block"
+        )
         if len(norm_layers.stages) != len(block_config):
-            raise ValueError(f"DenseNet needs one norm per dense block ({len(block_config)})")
+            raise ValueError(f"{owner}: 'norm_k' needs one K per dense block ({len(block_config)}), got {norm_k!r}")
+        growth_rate = check_int(owner, "growth_rate", growth_rate)
+        bn_size = check_int(owner, "bn_size", bn_size)
+        num_init_features = check_int(owner, "num_init_features", num_init_features)
+        drop_rate = check_rate(owner, "drop_rate", drop_rate)
         norm = norm_layers.norm
         self.features = nn.Sequential()
-        self.features.add_module("conv0", conv2d(in_chans, num_init_features, 7, 2))
+        self.features.add_module("conv0", conv2d(check_int(owner, "in_chans", in_chans), num_init_features, 7, 2))
         self.features.add_module("norm0", norm(num_init_features))
         self.features.add_module("relu0", nn.ReLU(inplace=True))
         self.features.add_module("pool0", nn.MaxPool2d(kernel_size=3, stride=2, padding=1))
         c = num_init_features
         for i, (n, norm2) in enumerate(zip(block_config, norm_layers.stages)):
             self.features.add_module(
-                f"denseblock{i + 1}", DenseBlock(n, c, growth_rate, bn_size, norm, norm2, norm_layers.se)
+                f"denseblock{i + 1}", DenseBlock(n, c, growth_rate, bn_size, norm, norm2, norm_layers.attn)
             )
             c += n * growth_rate
             if i < len(block_config) - 1:
@@ -155,46 +173,19 @@ class DenseNet(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-_OPTIONS = family_options(growth_rate=32, bn_size=4, num_init_features=64)
-
-
-def _create(name: str, block_config: Sequence[int], norm: str, num_classes: int, **kwargs: Any) -> DenseNet:
-    o = resolve_options(name, kwargs, _OPTIONS)
-    if o["zero_init_last"] is not None and check_flag(name, "zero_init_last", o["zero_init_last"]):
-        raise ValueError(f"{name}: zero_init_last=True is not applicable (DenseNet has no residual branches)")
-    norm_layers = make_norm_layers(
-        name,
-        norm,
-        o["norm_k"] if o["norm_k"] is not None else (10, 10, 20, 20),
-        num_stages=4,
-        stage_name="dense block",
-        **norm_options(o),
-    )
-    return DenseNet(
-        block_config,
-        norm_layers,
-        num_classes,
-        growth_rate=check_int(name, "growth_rate", o["growth_rate"]),
-        bn_size=check_int(name, "bn_size", o["bn_size"]),
-        num_init_features=check_int(name, "num_init_features", o["num_init_features"]),
-        in_chans=check_int(name, "in_chans", o["in_chans"]),
-        drop_rate=check_rate(name, "drop_rate", o["drop_rate"] if o["drop_rate"] is not None else 0.0),
-    )
-
-
-@register_model
-def densenet121(norm: str = "bn", num_classes: int = 1000, **kwargs: Any) -> DenseNet:
+@register_model(options=DenseNet)
+def densenet121(**kwargs: Any) -> DenseNet:
     """DenseNet-121 (blocks [6, 12, 24, 16], growth 32); AN at every dense layer's norm2."""
-    return _create("densenet121", (6, 12, 24, 16), norm, num_classes, **kwargs)
+    return DenseNet((6, 12, 24, 16), **kwargs)
 
 
-@register_model
-def densenet169(norm: str = "bn", num_classes: int = 1000, **kwargs: Any) -> DenseNet:
+@register_model(options=DenseNet)
+def densenet169(**kwargs: Any) -> DenseNet:
     """DenseNet-169 (blocks [6, 12, 32, 32], growth 32); AN at every dense layer's norm2."""
-    return _create("densenet169", (6, 12, 32, 32), norm, num_classes, **kwargs)
+    return DenseNet((6, 12, 32, 32), **kwargs)
 
 
-@register_model
-def densenet201(norm: str = "bn", num_classes: int = 1000, **kwargs: Any) -> DenseNet:
+@register_model(options=DenseNet)
+def densenet201(**kwargs: Any) -> DenseNet:
     """DenseNet-201 (blocks [6, 12, 48, 32], growth 32); AN at every dense layer's norm2."""
-    return _create("densenet201", (6, 12, 48, 32), norm, num_classes, **kwargs)
+    return DenseNet((6, 12, 48, 32), **kwargs)

@@ -3,10 +3,10 @@
 References: M. Sandler et al., "MobileNetV2: Inverted Residuals and Linear Bottlenecks", CVPR 2018 (width 1.0,
 last channel 1280, dropout 0.2 before the FC); X. Li, W. Sun and T. Wu, "Attentive Normalization", ECCV 2020
 (AN replaces the BN after each 3x3 depthwise conv, K = [5, 5, 5, 5, 10, 10, 10] per (t, c, n, s) row; the
-expansion, projection, stem and last-conv norms stay plain; AN_SPEC 2.2).
+expansion, projection, stem and last-conv norms stay plain; ``docs/AN.md`` 2.2).
 
-What is ours: the code; the ``se`` variant puts an SE module (reduction ``se_reduction``, default 16) after
-the depthwise conv block (norm + ReLU6), on the expanded channels, as MnasNet/MobileNetV3 place theirs;
+What is ours: the code; an attention layer (``attn_layer='se'``) goes after the depthwise conv block (norm +
+ReLU6), on the expanded channels, as MnasNet/MobileNetV3 place theirs;
 ``zero_init_last`` (default False) zero-inits the projection norm of blocks with an identity shortcut.
 With ``norm='bn'`` the module names and shapes match torchvision's ``mobilenet_v2``.
 
@@ -16,21 +16,22 @@ MobileNetV2 init).
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from torch import Tensor, nn
 
 import an
+from an.checks import check_flag, check_int, check_number, check_rate
 
-from ._layers import check_flag, check_int, check_rate, classifier, conv2d, family_options, norm_options
-from ._norms import NormFn, NormLayers, make_norm_layers
-from ._registry import register_model, resolve_options
+from ._layers import classifier, conv2d
+from ._norms import NormFn, make_norm_layers
+from ._registry import register_model
 
-__all__ = ["InvertedResidual", "MobileNetV2"]
+__all__ = ["InvertedResidual", "MobileNetV2", "mobilenetv2"]
 
 # (expansion t, output channels c, repeats n, first stride s): one row per AN stage (K per row).
 SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
-DEFAULT_K = (5, 5, 5, 5, 10, 10, 10)
 
 
 def make_divisible(value: float, divisor: int = 8) -> int:
@@ -54,7 +55,7 @@ class InvertedResidual(nn.Module):
         expand_ratio: Expansion t (no expansion conv when 1).
         norm: Constructor for the plain norms.
         dw_norm: Constructor for the depthwise norm (the AN placement).
-        se: SE-module constructor or None.
+        se: Attention-layer constructor or None.
     """
 
     def __init__(
@@ -91,8 +92,12 @@ class MobileNetV2(nn.Module):
     """MobileNetV2 backbone with a classifier.
 
     Args:
-        norm_layers: Norm constructors; ``stages`` has one entry per row of :data:`SETTINGS`.
+        norm: Norm name (``an.list_norms()``); a placed norm such as AN goes at every depthwise norm.
         num_classes: Classifier outputs (0 = return pooled features).
+        norm_k: K per row of :data:`SETTINGS` for norms that take one (AN); the paper's [5, 5, 5, 5, 10, 10, 10].
+        norm_kwargs: Options of the norm.
+        attn_layer: Attention layer after every depthwise block (``an.list_attns()``, e.g. ``'se'``).
+        attn_kwargs: Its options.
         width_mult: Width multiplier (channels rounded to multiples of 8; the last conv keeps 1280 below 1.0).
         in_chans: Input channels.
         drop_rate: Dropout before the classifier.
@@ -101,25 +106,37 @@ class MobileNetV2(nn.Module):
 
     def __init__(
         self,
-        norm_layers: NormLayers,
-        num_classes: int = 1000,
         *,
+        norm: str = "bn",
+        num_classes: int = 1000,
+        norm_k: Sequence[int] = (5, 5, 5, 5, 10, 10, 10),
+        norm_kwargs: Mapping[str, Any] | None = None,
+        attn_layer: str | None = None,
+        attn_kwargs: Mapping[str, Any] | None = None,
         width_mult: float = 1.0,
         in_chans: int = 3,
         drop_rate: float = 0.2,
         zero_init_last: bool = False,
     ) -> None:
         super().__init__()
+        owner = "MobileNetV2"
+        norm_layers = make_norm_layers(
+            owner, norm, norm_k, norm_kwargs, attn_layer, attn_kwargs, stage_name="inverted-residual row (t, c, n, s)"
+        )
         if len(norm_layers.stages) != len(SETTINGS):
-            raise ValueError(f"MobileNetV2 needs {len(SETTINGS)} per-stage norms, got {len(norm_layers.stages)}")
+            raise ValueError(
+                f"{owner}: 'norm_k' must have {len(SETTINGS)} entries (one K per inverted-residual row), got {norm_k!r}"
+            )
+        width_mult = check_number(owner, "width_mult", width_mult, 0.0, low_open=True)
+        drop_rate = check_rate(owner, "drop_rate", drop_rate)
         cin = make_divisible(32 * width_mult)
         self.num_features = make_divisible(1280 * max(1.0, width_mult))
-        features: list[nn.Module] = [conv_norm_act(in_chans, cin, 3, 2, norm_layers.norm)]
+        features: list[nn.Module] = [conv_norm_act(check_int(owner, "in_chans", in_chans), cin, 3, 2, norm_layers.norm)]
         for (t, c, n, s), dw_norm in zip(SETTINGS, norm_layers.stages):
             cout = make_divisible(c * width_mult)
             for i in range(n):
                 features.append(
-                    InvertedResidual(cin, cout, s if i == 0 else 1, t, norm_layers.norm, dw_norm, norm_layers.se)
+                    InvertedResidual(cin, cout, s if i == 0 else 1, t, norm_layers.norm, dw_norm, norm_layers.attn)
                 )
                 cin = cout
         features.append(conv_norm_act(cin, self.num_features, 1, 1, norm_layers.norm))
@@ -130,7 +147,7 @@ class MobileNetV2(nn.Module):
         if isinstance(fc, nn.Linear):
             nn.init.normal_(fc.weight, 0.0, 0.01)
             nn.init.zeros_(fc.bias)
-        if zero_init_last:
+        if check_flag(owner, "zero_init_last", zero_init_last):
             for m in self.modules():
                 if isinstance(m, InvertedResidual) and m.use_res_connect:
                     m.zero_init_last()
@@ -147,30 +164,7 @@ class MobileNetV2(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-_OPTIONS = family_options(width_mult=1.0)
-
-
-@register_model
-def mobilenetv2(norm: str = "bn", num_classes: int = 1000, **kwargs: Any) -> MobileNetV2:
+@register_model(options=MobileNetV2)
+def mobilenetv2(**kwargs: Any) -> MobileNetV2:
     """MobileNetV2 1.0 (3.5M parameters); AN at every depthwise norm, K = [5, 5, 5, 5, 10, 10, 10] per row."""
-    name = "mobilenetv2"
-    o = resolve_options(name, kwargs, _OPTIONS)
-    norm_layers = make_norm_layers(
-        name,
-        norm,
-        o["norm_k"] if o["norm_k"] is not None else DEFAULT_K,
-        num_stages=len(SETTINGS),
-        stage_name="inverted-residual row (t, c, n, s)",
-        **norm_options(o),
-    )
-    width = o["width_mult"]
-    if isinstance(width, bool) or not isinstance(width, (int, float)) or width <= 0:
-        raise ValueError(f"{name}: option 'width_mult' must be a positive number, got {width!r}")
-    return MobileNetV2(
-        norm_layers,
-        num_classes,
-        width_mult=float(width),
-        in_chans=check_int(name, "in_chans", o["in_chans"]),
-        drop_rate=check_rate(name, "drop_rate", o["drop_rate"] if o["drop_rate"] is not None else 0.2),
-        zero_init_last=check_flag(name, "zero_init_last", o["zero_init_last"] or False),
-    )
+    return MobileNetV2(**kwargs)

@@ -2,12 +2,14 @@
 
 References: K. He et al., "Deep Residual Learning for Image Recognition", CVPR 2016 (the architecture; "v1.5"
 puts the stride on the bottleneck's 3x3 conv); X. Li, W. Sun and T. Wu, "Attentive Normalization", ECCV 2020
-(AN at bn2 of every bottleneck with K = [10, 10, 20, 20] per stage, AN_SPEC 2.1); T. He et al., "Bag of
-Tricks for Image Classification", CVPR 2019 (the deep stem and average-pool downsampling that AN's 200-epoch
-configs switch on, AN_SPEC 3); J. Hu et al., "Squeeze-and-Excitation Networks" (the ``se`` variant).
+(AN at bn2 of every bottleneck with K = [10, 10, 20, 20] per stage, ``docs/AN.md`` 2.1); T. He et al., "Bag
+of Tricks for Image Classification", CVPR 2019 (the deep stem and average-pool downsampling that AN's
+200-epoch configs switch on, ``docs/AN.md`` 4.2); J. Hu et al., "Squeeze-and-Excitation Networks" (the
+``attn_layer='se'`` variant).
 
-What is ours: the code, the option names, the BasicBlock AN default (``bn1``, after the refactor's ResNet-34
-ablation where it beat ``bn12``, AN_SPEC 4.3), and ``an_placement='all'`` using stage 1's K for the stem.
+What is ours: the code, the option names, the BasicBlock AN default (``bn1``, after the authors' ResNet-34
+ablation where it beat ``bn12``, ``docs/AN.md`` 5.3), and ``norm_placement='all'`` using stage 1's K for the
+stem.
 With ``norm='bn'`` the module names and shapes match torchvision's ResNets, so their weights load as is.
 
 Init: convs Kaiming-normal (fan_out); norm layers their own init (BN/GN gamma 1, beta 0; AN Gamma~N(1, 0.1),
@@ -24,30 +26,30 @@ import torch
 from torch import Tensor, nn
 
 import an
+from an.checks import check_choice, check_flag, check_int, check_rate
 
-from ._layers import check_flag, check_int, check_rate, classifier, conv2d, family_options, norm_options
+from ._layers import classifier, conv2d
 from ._norms import NormFn, NormLayers, make_norm_layers
-from ._registry import register_model, resolve_options
+from ._registry import register_model
 
-__all__ = ["BasicBlock", "Bottleneck", "ResNet"]
-
-PLACEMENTS = {"basic": ("bn1", "bn2", "all"), "bottleneck": ("bn1", "bn2", "bn3", "all")}
+__all__ = ["BasicBlock", "Bottleneck", "ResNet", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
 
 
 class BasicBlock(nn.Module):
-    """Two 3x3 convs; SE (``se`` type) after bn2 on the residual branch, before the addition.
+    """Two 3x3 convs; attention layer (``attn_layer``, e.g. SE) after bn2 on the residual branch, before the addition.
 
     Args:
         inplanes: Input channels.
         planes: Output channels.
         stride: Stride of the first conv.
         norms: Constructors for the positions ``bn1`` and ``bn2``.
-        se: SE-module constructor or None.
+        se: Attention-layer constructor or None (the attribute keeps timm's name ``se``).
         downsample: Projection shortcut or None (identity).
     """
 
     expansion = 1
     positions = ("bn1", "bn2")
+    default_placement = "bn1"  # after the ResNet-34 ablation of the authors' model zoo (docs/AN.md 5.3)
 
     def __init__(
         self,
@@ -81,19 +83,20 @@ class BasicBlock(nn.Module):
 
 
 class Bottleneck(nn.Module):
-    """1x1 -> 3x3 (stride) -> 1x1 (x4); SE (``se`` type) after bn3, before the addition (SE-ResNet).
+    """1x1 -> 3x3 (stride) -> 1x1 (x4); an attention layer (``attn_layer``, e.g. SE) after bn3, before the addition.
 
     Args:
         inplanes: Input channels.
         planes: Bottleneck width (output is ``4 * planes``).
         stride: Stride of the 3x3 conv (v1.5).
         norms: Constructors for the positions ``bn1``, ``bn2``, ``bn3``.
-        se: SE-module constructor or None.
+        se: Attention-layer constructor or None (the attribute keeps timm's name ``se``).
         downsample: Projection shortcut or None (identity).
     """
 
     expansion = 4
     positions = ("bn1", "bn2", "bn3")
+    default_placement = "bn2"  # the paper's: the norm after the 3x3 conv (docs/AN.md 2.1)
 
     def __init__(
         self,
@@ -136,28 +139,36 @@ class ResNet(nn.Module):
     Args:
         block: :class:`BasicBlock` or :class:`Bottleneck`.
         layers: Blocks per stage (4 stages).
-        norm_layers: Norm constructors (plain / per-stage AN placement / shortcut / SE).
+        norm: Norm name (``an.list_norms()``); where it goes follows its registry entry (``docs/AN.md`` 2.1).
         num_classes: Classifier outputs (0 = return pooled features).
-        an_placement: Which norms use ``norm_layers.stages``: ``'bn1'``, ``'bn2'``, ``'bn3'`` (bottleneck
-            only) or ``'all'`` (every norm, including stem and shortcuts; the stem uses stage 1's). Only
-            matters for AN types.
+        norm_k: K per stage for norms that take one (AN); the paper's [10, 10, 20, 20].
+        norm_kwargs: Options of the norm (e.g. ``{'attention': 'sigmoid', 'impl': 'fused'}``, ``{'groups': 16}``).
+        norm_placement: Which block norms get a placed norm such as AN: ``'bn1'``, ``'bn2'``, ``'bn3'``
+            (bottleneck only) or ``'all'`` (every norm, including stem and shortcuts; the stem uses stage 1's).
+            None: the block's default (``bn2`` for bottlenecks as in the paper, ``bn1`` for basic blocks).
+        attn_layer: Attention layer after the last norm of every block (``an.list_attns()``, e.g. ``'se'``).
+        attn_kwargs: Its options (e.g. ``{'reduction': 16, 'bias': False}``).
         in_chans: Input channels.
         base_width: Stem / first-stage width (64 for the standard nets; smaller for tests).
         deep_stem: Three 3x3 convs (width/2, width/2, width) with norm+ReLU each and a 2x2/2 max-pool,
             instead of the 7x7/2 conv and 3x3/2 max-pool.
         avg_down: Projection shortcuts as 2x2/2 average pool + 1x1 conv (stride 1) instead of a strided 1x1.
         drop_rate: Dropout before the classifier.
-        zero_init_last: Zero-init the last norm of every block.
+        zero_init_last: Zero-init the last norm of every block (the official configs do).
     """
 
     def __init__(
         self,
         block: type[BasicBlock] | type[Bottleneck],
         layers: Sequence[int],
-        norm_layers: NormLayers,
-        num_classes: int = 1000,
         *,
-        an_placement: str = "bn2",
+        norm: str = "bn",
+        num_classes: int = 1000,
+        norm_k: Sequence[int] = (10, 10, 20, 20),
+        norm_kwargs: Mapping[str, Any] | None = None,
+        norm_placement: str | None = None,
+        attn_layer: str | None = None,
+        attn_kwargs: Mapping[str, Any] | None = None,
         in_chans: int = 3,
         base_width: int = 64,
         deep_stem: bool = False,
@@ -166,19 +177,21 @@ class ResNet(nn.Module):
         zero_init_last: bool = True,
     ) -> None:
         super().__init__()
-        if len(layers) != 4 or len(norm_layers.stages) != 4:
-            raise ValueError("ResNet needs 4 stages (layers and per-stage norms)")
-        kind = "basic" if block is BasicBlock else "bottleneck"
-        if an_placement not in PLACEMENTS[kind]:
-            raise ValueError(
-                f"an_placement {an_placement!r} is not valid for a {kind}-block ResNet; "
-                f"valid: {', '.join(PLACEMENTS[kind])}"
-            )
-        self.an_placement = an_placement
-        every = norm_layers.attentive and an_placement == "all"
+        owner = "ResNet"
+        if len(layers) != 4:
+            raise ValueError(f"{owner} needs 4 stages, got layers={list(layers)}")
+        norm_layers = make_norm_layers(owner, norm, norm_k, norm_kwargs, attn_layer, attn_kwargs)
+        if len(norm_layers.stages) != 4:
+            raise ValueError(f"{owner}: 'norm_k' must have 4 entries (one K per stage), got {list(norm_k)}")
+        placement = block.default_placement if norm_placement is None else norm_placement
+        self.norm_placement = check_choice(owner, "norm_placement", placement, (*block.positions, "all"))
+        in_chans = check_int(owner, "in_chans", in_chans)
+        base_width = check_int(owner, "base_width", base_width, 2)
+        drop_rate = check_rate(owner, "drop_rate", drop_rate)
+        every = norm_layers.placed and placement == "all"
         stem_norm = norm_layers.stages[0] if every else norm_layers.norm
 
-        if deep_stem:
+        if check_flag(owner, "deep_stem", deep_stem):
             half = base_width // 2
             self.conv1 = nn.Sequential(
                 conv2d(in_chans, half, 3, 2), stem_norm(half), nn.ReLU(inplace=True),
@@ -193,6 +206,7 @@ class ResNet(nn.Module):
         self.relu = nn.ReLU(inplace=True)
 
         inplanes = base_width
+        avg_down = check_flag(owner, "avg_down", avg_down)
         for i, (n, stride) in enumerate(zip(layers, (1, 2, 2, 2))):
             planes = base_width * 2**i
             stage, inplanes = self._make_stage(block, norm_layers, inplanes, planes, n, stride, i, avg_down)
@@ -201,7 +215,7 @@ class ResNet(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.drop = nn.Dropout(drop_rate) if drop_rate > 0 else nn.Identity()
         self.fc = classifier(inplanes, num_classes)
-        if zero_init_last:
+        if check_flag(owner, "zero_init_last", zero_init_last):
             for m in self.modules():
                 if isinstance(m, (BasicBlock, Bottleneck)):
                     m.zero_init_last()
@@ -218,7 +232,7 @@ class ResNet(nn.Module):
         avg_down: bool,
     ) -> tuple[nn.Sequential, int]:
         outplanes = planes * block.expansion
-        placement = self.an_placement if norms.attentive else None
+        placement = self.norm_placement if norms.placed else None
         downsample = None
         if stride != 1 or inplanes != outplanes:
             norm = norms.stages[stage] if placement == "all" else norms.shortcut
@@ -229,8 +243,8 @@ class ResNet(nn.Module):
             else:
                 downsample = nn.Sequential(conv2d(inplanes, outplanes, 1, stride), norm(outplanes))
         at = {p: norms.stages[stage] if placement in ("all", p) else norms.norm for p in block.positions}
-        mods = [block(inplanes, planes, stride, at, norms.se, downsample)]
-        mods += [block(outplanes, planes, 1, at, norms.se) for _ in range(1, blocks)]
+        mods = [block(inplanes, planes, stride, at, norms.attn, downsample)]
+        mods += [block(outplanes, planes, 1, at, norms.attn) for _ in range(1, blocks)]
         return nn.Sequential(*mods), outplanes
 
     def forward_features(self, x: Tensor) -> Tensor:
@@ -246,60 +260,31 @@ class ResNet(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-_OPTIONS = family_options(
-    an_placement=None,  # None = 'bn2' (bottleneck) / 'bn1' (basic block)
-    deep_stem=False,
-    avg_down=False,
-    base_width=64,
-)
+@register_model(options=ResNet)
+def resnet18(**kwargs: Any) -> ResNet:
+    """ResNet-18 (basic blocks [2, 2, 2, 2]); a placed norm such as AN at bn1 by default."""
+    return ResNet(BasicBlock, (2, 2, 2, 2), **kwargs)
 
 
-def _create(name: str, block: type, layers: Sequence[int], norm: str, num_classes: int, **kwargs: Any) -> ResNet:
-    o = resolve_options(name, kwargs, _OPTIONS)
-    norm_layers = make_norm_layers(
-        name, norm, o["norm_k"] if o["norm_k"] is not None else (10, 10, 20, 20), num_stages=4, **norm_options(o)
-    )
-    default_placement = "bn1" if block is BasicBlock else "bn2"
-    return ResNet(
-        block,
-        layers,
-        norm_layers,
-        num_classes,
-        an_placement=o["an_placement"] if o["an_placement"] is not None else default_placement,
-        in_chans=check_int(name, "in_chans", o["in_chans"]),
-        base_width=check_int(name, "base_width", o["base_width"], 2),
-        deep_stem=check_flag(name, "deep_stem", o["deep_stem"]),
-        avg_down=check_flag(name, "avg_down", o["avg_down"]),
-        drop_rate=check_rate(name, "drop_rate", o["drop_rate"] if o["drop_rate"] is not None else 0.0),
-        zero_init_last=check_flag(name, "zero_init_last", True if o["zero_init_last"] is None else o["zero_init_last"]),
-    )
+@register_model(options=ResNet)
+def resnet34(**kwargs: Any) -> ResNet:
+    """ResNet-34 (basic blocks [3, 4, 6, 3]); a placed norm such as AN at bn1 by default."""
+    return ResNet(BasicBlock, (3, 4, 6, 3), **kwargs)
 
 
-@register_model
-def resnet18(norm: str = "bn", num_classes: int = 1000, **kwargs: Any) -> ResNet:
-    """ResNet-18 (basic blocks [2, 2, 2, 2]); AN at bn1 by default."""
-    return _create("resnet18", BasicBlock, (2, 2, 2, 2), norm, num_classes, **kwargs)
+@register_model(options=ResNet)
+def resnet50(**kwargs: Any) -> ResNet:
+    """ResNet-50 (bottlenecks [3, 4, 6, 3]); a placed norm such as AN at bn2 by default."""
+    return ResNet(Bottleneck, (3, 4, 6, 3), **kwargs)
 
 
-@register_model
-def resnet34(norm: str = "bn", num_classes: int = 1000, **kwargs: Any) -> ResNet:
-    """ResNet-34 (basic blocks [3, 4, 6, 3]); AN at bn1 by default."""
-    return _create("resnet34", BasicBlock, (3, 4, 6, 3), norm, num_classes, **kwargs)
+@register_model(options=ResNet)
+def resnet101(**kwargs: Any) -> ResNet:
+    """ResNet-101 (bottlenecks [3, 4, 23, 3]); a placed norm such as AN at bn2 by default."""
+    return ResNet(Bottleneck, (3, 4, 23, 3), **kwargs)
 
 
-@register_model
-def resnet50(norm: str = "bn", num_classes: int = 1000, **kwargs: Any) -> ResNet:
-    """ResNet-50 (bottlenecks [3, 4, 6, 3]); AN at bn2 by default."""
-    return _create("resnet50", Bottleneck, (3, 4, 6, 3), norm, num_classes, **kwargs)
-
-
-@register_model
-def resnet101(norm: str = "bn", num_classes: int = 1000, **kwargs: Any) -> ResNet:
-    """ResNet-101 (bottlenecks [3, 4, 23, 3]); AN at bn2 by default."""
-    return _create("resnet101", Bottleneck, (3, 4, 23, 3), norm, num_classes, **kwargs)
-
-
-@register_model
-def resnet152(norm: str = "bn", num_classes: int = 1000, **kwargs: Any) -> ResNet:
-    """ResNet-152 (bottlenecks [3, 8, 36, 3]); AN at bn2 by default."""
-    return _create("resnet152", Bottleneck, (3, 8, 36, 3), norm, num_classes, **kwargs)
+@register_model(options=ResNet)
+def resnet152(**kwargs: Any) -> ResNet:
+    """ResNet-152 (bottlenecks [3, 8, 36, 3]); a placed norm such as AN at bn2 by default."""
+    return ResNet(Bottleneck, (3, 8, 36, 3), **kwargs)

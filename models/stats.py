@@ -6,7 +6,7 @@ in_features``) for one image; norms, activations, pooling, additions and concate
 ``norm_cost=c`` adds ``c`` per output element of every outermost norm layer (BN, GN, SN, IEBN, AN). thop,
 which the AN authors list as their counter, charges 4 per element for an affine BN (2 to standardize, 2 for
 the affine) on top of the conv/linear MACs; ``norm_cost=4`` reproduces its totals (AOGNet-12M 2.17G,
-AOGNet-40M 7.48G, AN_SPEC 5.4). AN's attention (a C x K product per image) is below the reported precision
+AOGNet-40M 7.48G, ``docs/AN.md`` 3.1). AN's attention (a C x K product per image) is below the reported precision
 and is not counted.
 
 The forward runs in eval mode under ``no_grad`` on the model's own device; a model built on the meta

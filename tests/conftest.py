@@ -40,7 +40,7 @@ def data_config(root=None, backend: str = "torch", *, seed: int = 3, num_classes
 def tiny_config(tmp_path: Path, name: str = "tiny.yaml", **sections) -> Path:
     """A ResNet-50-shaped AN model at 1/8 width on 64x64 synthetic images: a few seconds per epoch."""
     cfg = {
-        "model": {"name": "resnet50", "norm": "an", "num_classes": 10, "kwargs": {"base_width": 8}},
+        "model": {"name": "resnet50", "norm": "an", "num_classes": 10, "base_width": 8},
         "data": {
             "backend": "synthetic",
             "batch_size": 8,

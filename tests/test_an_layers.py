@@ -216,7 +216,7 @@ def test_se_shape_forward_and_param_count():
 
 
 def test_se_resnet50_parameter_totals():
-    """SE after bn3 of every ResNet-50 bottleneck: 28.09M with biased FCs, 28.07M without (AN_SPEC 7)."""
+    """SE after bn3 of every ResNet-50 bottleneck: 28.09M with biased FCs, 28.07M without (docs/AN.md 8)."""
     resnet50 = 25_557_032
     blocks = {256: 3, 512: 4, 1024: 6, 2048: 3}
 

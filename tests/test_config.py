@@ -55,7 +55,7 @@ def test_wrong_type_and_bad_value(tmp_path):
         load_config(write(tmp_path, "train:\n  channels_last: 1\n"))  # an int is not silently a bool
     with pytest.raises(ConfigError, match=r"data.scale"):
         load_config(write(tmp_path, "data:\n  scale: [0.9, 0.1]\n"))
-    with pytest.raises(ConfigError, match=r"model.norm_k"):
+    with pytest.raises(ConfigError, match=r"ResNet: 'norm_k' must be an integer >= 1, got 0"):
         load_config(write(tmp_path, "model:\n  norm_k: [10, 0, 20, 20]\n"))
     with pytest.raises(ConfigError, match=r"must be a mapping"):
         load_config(write(tmp_path, "model: resnet50\n"))
@@ -75,7 +75,8 @@ def test_override_precedence(tmp_path):
     assert cfg.optim.lr == 0.4  # later overrides win over earlier ones and over the file
     assert cfg.data.root == "/d"
     cfg = load_config(path, ["model.norm_k=[5, 5, 10, 10]", "optim.clip_grad=null", "train.steps_per_epoch=None"])
-    assert cfg.model.norm_k == [5, 5, 10, 10] and cfg.optim.clip_grad is None and cfg.train.steps_per_epoch is None
+    assert cfg.model.options["norm_k"] == [5, 5, 10, 10]
+    assert cfg.optim.clip_grad is None and cfg.train.steps_per_epoch is None
     cfg = load_config(path, ["train.output_dir=/tmp/x"])
     assert cfg.train.output_dir == "/tmp/x"
 
@@ -90,7 +91,9 @@ def test_bad_overrides(tmp_path):
         load_config(path, ["optim.lrate=0.1"])
     with pytest.raises(ConfigError, match=r"optim.lr.*command-line override 'optim.lr=fast'"):
         load_config(path, ["optim.lr=fast"])
-    assert parse_override("data.root=/a=b") == ("data", "root", "/a=b")
+    assert parse_override("data.root=/a=b") == ("data", "root", (), "/a=b")
+    with pytest.raises(ConfigError, match=r"'optim.lr' is not a mapping"):
+        load_config(path, ["optim.lr.x=1"])
 
 
 def test_config_file_resolution(tmp_path, monkeypatch):
@@ -121,12 +124,49 @@ def test_resolved_config_round_trips():
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_loads_and_names_are_valid(path):
-    cfg = load_config(path)
-    C.validate_names(cfg, str(path))
+    cfg = load_config(path)  # validates the model section against the model (built on the meta device)
+    C.validate_model(cfg, str(path))
 
 
 def test_unknown_model_and_norm_names():
     with pytest.raises(ConfigError, match=r"Unknown model 'resnet05'.*Did you mean 'resnet50'"):
-        C.validate_names(config_from_dict({"model": {"name": "resnet05"}}), "x.yaml")
-    with pytest.raises(ConfigError, match=r"Unknown norm 'ann'.*Valid norms"):
-        C.validate_names(config_from_dict({"model": {"norm": "ann"}}), "x.yaml")
+        C.validate_model(config_from_dict({"model": {"name": "resnet05"}}), "x.yaml")
+    with pytest.raises(ConfigError, match=r"Unknown norm 'ann'.*Valid norms: bn, gn, sn, an, an_gn, iebn"):
+        C.validate_model(config_from_dict({"model": {"norm": "ann"}}), "x.yaml")
+
+
+def test_model_options_come_from_the_model_signature(tmp_path):
+    """Option names, types and defaults are the model class's keyword-only parameters; values are checked by
+    building the model, so the config needs no table of its own."""
+    import models
+
+    for name in models.list_models():
+        cfg = config_from_dict({"model": {"name": name}})
+        options = models.model_options(name)
+        for key, (default, _) in options.items():
+            if key not in ("norm", "num_classes"):
+                cfg.model.options[key] = default  # every default passes the config's own type check
+        C.validate_model(cfg, name)
+    with pytest.raises(ConfigError, match=r"Unknown option 'model.deep_stem' for model 'mobilenetv2'.*in x.yaml"):
+        C.validate_model(config_from_dict({"model": {"name": "mobilenetv2", "deep_stem": True}}), "x.yaml")
+    with pytest.raises(ConfigError, match=r"'model.norm_placment'.*Did you mean 'norm_placement'"):
+        C.validate_model(config_from_dict({"model": {"norm_placment": "bn3"}}), "x.yaml")
+    with pytest.raises(ConfigError, match=r"Bad value for 'model.deep_stem' in x.yaml: got 'yes', expected true/false"):
+        C.validate_model(config_from_dict({"model": {"deep_stem": "yes"}}), "x.yaml")
+    with pytest.raises(ConfigError, match=r"x.yaml.*'drop_rate' must be a number in \[0.0, 1.0\), got 1.5"):
+        C.validate_model(config_from_dict({"model": {"drop_rate": 1.5}}), "x.yaml")
+    bad_kwargs = config_from_dict({"model": {"norm": "an", "norm_kwargs": {"attention": "sigmod"}}})
+    with pytest.raises(ConfigError, match=r"x.yaml.*'attention' must be one of.*Did you mean 'sigmoid'"):
+        C.validate_model(bad_kwargs, "x.yaml")
+    cfg = config_from_dict({"model": {"norm_k": [1.0, 2, 3, 4]}})
+    C.validate_model(cfg, "x.yaml")
+    assert cfg.model.options["norm_k"] == [1, 2, 3, 4] and all(type(k) is int for k in cfg.model.options["norm_k"])
+
+
+def test_nested_override_of_a_mapping_option(tmp_path):
+    path = write(tmp_path, "model:\n  norm: an\n  norm_kwargs:\n    attention: sigmoid\n")
+    cfg = load_config(path, ["model.norm_kwargs.impl=reference"])
+    assert cfg.model.options["norm_kwargs"] == {"attention": "sigmoid", "impl": "reference"}
+    assert "norm_kwargs:\n    attention: sigmoid\n    impl: reference" in cfg.dump()  # options written back flat
+    with pytest.raises(ConfigError, match=r"norm 'an' got unexpected keyword\(s\) 'imp'.*Did you mean 'impl'"):
+        load_config(path, ["model.norm_kwargs.imp=fused"])

@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
 
 # GroupNorm: no batch statistics, so 2 ranks x batch B must equal 1 process x batch 2B.
-BN_FREE = {"model": {"norm": "gn", "gn_groups": 4}}
+BN_FREE = {"model": {"norm": "gn", "norm_kwargs": {"groups": 4}}}
 
 
 def env() -> dict[str, str]:

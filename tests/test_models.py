@@ -59,15 +59,25 @@ def test_registry_lists():
             "aognet40m",
         ]
     )
-    assert models.list_norm_types() == ["bn", "gn", "sn", "se", "an", "an_gn", "iebn"]
+    assert an.list_norms()[:6] == ["bn", "gn", "sn", "an", "an_gn", "iebn"]
+    assert an.list_attns() == ["se"]
+
+
+def _supported(name: str, **kwargs) -> dict:
+    """The subset of ``kwargs`` that the model takes as options."""
+    return {k: v for k, v in kwargs.items() if k in models.model_options(name)}
+
+
+VARIANTS = [(norm, {}) for norm in an.list_norms()] + [("bn", {"attn_layer": "se", "attn_kwargs": {"reduction": 4}})]
 
 
 @pytest.mark.parametrize("name", models.list_models())
 def test_every_norm_trains(name):
-    """Forward + backward at reduced width for every norm type: shape, finite, every parameter gets a grad."""
-    for norm in models.list_norm_types():
+    """Forward + backward at reduced width for every registered norm and SE: shape, finite, every parameter
+    gets a grad."""
+    for norm, extra in VARIANTS:
         torch.manual_seed(0)
-        m = create_model(name, norm, num_classes=7, se_reduction=4, **small(name, zero_init_last=False))
+        m = create_model(name, norm, num_classes=7, **extra, **_supported(name, **small(name, zero_init_last=False)))
         y = m(torch.randn(2, 3, 64, 64))
         assert y.shape == (2, 7), (name, norm)
         assert torch.isfinite(y).all(), (name, norm)
@@ -80,7 +90,7 @@ def test_every_norm_trains(name):
                 assert p.grad.abs().sum() > 0, f"{name}/{norm}: {lname}.{pname} got a zero gradient"
 
 
-# Exact counts of this implementation at 1000 classes; the paper's figure (AN_SPEC 4) is checked to 0.1%.
+# Exact counts of this implementation at 1000 classes; the paper's figure (docs/AN.md 5) is checked to 0.1%.
 PARAMS = [
     ("resnet18", "bn", {}, 11_689_512, None),
     ("resnet34", "bn", {}, 21_797_672, 21.798e6),
@@ -90,11 +100,11 @@ PARAMS = [
     ("resnet50", "sn", {}, 25_557_350, 25.56e6),
     ("resnet50", "an", {}, 25_755_420, 25.755e6),
     ("resnet50", "an_gn", {}, 25_755_420, None),
-    ("resnet50", "se", {}, 28_088_024, 28.09e6),
-    ("resnet50", "se", {"se_bias": False}, 28_071_976, 28.072e6),
+    ("resnet50", "bn", {"attn_layer": "se"}, 28_088_024, 28.09e6),
+    ("resnet50", "bn", {"attn_layer": "se", "attn_kwargs": {"bias": False}}, 28_071_976, 28.072e6),
     ("resnet50", "iebn", {}, 25_602_472, None),
-    ("resnet50", "an", {"an_placement": "bn3"}, 26_349_084, 26.349e6),
-    ("resnet50", "an", {"an_placement": "all"}, 26_947_472, 26.947e6),
+    ("resnet50", "an", {"norm_placement": "bn3"}, 26_349_084, 26.349e6),
+    ("resnet50", "an", {"norm_placement": "all"}, 26_947_472, 26.947e6),
     ("resnet50", "bn", {"deep_stem": True, "avg_down": True}, 25_576_264, 25.576e6),
     ("resnet50", "an", {"deep_stem": True, "avg_down": True}, 25_774_652, 25.775e6),
     ("resnet101", "bn", {}, 44_549_160, 44.549e6),
@@ -155,16 +165,16 @@ def test_an_placement_and_k():
     assert len(_an_layers(meta("resnet101", "an"))) == 33
     # Basic blocks default to bn1; bn2 available.
     assert all(n.endswith(".bn1") for n, _ in _an_layers(meta("resnet34", "an")))
-    assert all(n.endswith(".bn2") for n, _ in _an_layers(meta("resnet34", "an", an_placement="bn2")))
+    assert all(n.endswith(".bn2") for n, _ in _an_layers(meta("resnet34", "an", norm_placement="bn2")))
     # 'all': every norm incl. stem and shortcuts; bn3 only bn3.
-    m = meta("resnet50", "an", an_placement="all")
+    m = meta("resnet50", "an", norm_placement="all")
     assert not [
         n
         for n, x in m.named_modules()
         if isinstance(x, nn.BatchNorm2d) and "attention" not in n and not n.endswith(".norm")
     ]
     assert isinstance(m.bn1, an.AttentiveNorm2d) and isinstance(m.layer1[0].downsample[1], an.AttentiveNorm2d)
-    assert all(n.endswith(".bn3") for n, _ in _an_layers(meta("resnet50", "an", an_placement="bn3")))
+    assert all(n.endswith(".bn3") for n, _ in _an_layers(meta("resnet50", "an", norm_placement="bn3")))
     # MobileNetV2: the 17 depthwise norms, K per (t, c, n, s) row.
     layers = _an_layers(meta("mobilenetv2", "an"))
     assert len(layers) == 17 and all(n.endswith("conv.0.1") or n.endswith("conv.1.1") for n, _ in layers)
@@ -192,9 +202,9 @@ def test_an_gn_iebn_se_semantics():
     assert type(m.layer1[0].downsample[1]) is nn.BatchNorm2d  # projection shortcuts keep BN
     se_counts = {"resnet50": 16, "resnet18": 8, "mobilenetv2": 17, "densenet121": 58, "aognet12m": 4 * 7 + 3 * 21}
     for name, count in se_counts.items():
-        m = meta(name, "se")
+        m = meta(name, "bn", attn_layer="se")
         assert sum(isinstance(x, an.SqueezeExcite) for x in m.modules()) == count, name
-    blk = meta("resnet50", "se").layer1[0]
+    blk = meta("resnet50", "an", attn_layer="se").layer1[0]  # an attention layer combines with any norm
     assert list(dict(blk.named_children()))[:7] == ["conv1", "bn1", "conv2", "bn2", "conv3", "bn3", "se"]
     assert blk.se.fc1.out_channels == 256 // 16 and blk.se.fc1.bias is not None
     for norm in ("gn", "an_gn"):  # GN groups fall back to a divisor of odd widths
@@ -203,7 +213,7 @@ def test_an_gn_iebn_se_semantics():
 
 
 def test_zero_init_last_and_options():
-    m = create_model("resnet50", "an", an_placement="bn3", **small("resnet50"))
+    m = create_model("resnet50", "an", norm_placement="bn3", **small("resnet50"))
     assert all(b.bn3.mixture_weight.abs().sum() == 0 for b in m.modules() if isinstance(b, models.resnet.Bottleneck))
     m = create_model("resnet50", "bn", zero_init_last=False, **small("resnet50"))
     assert m.layer1[0].bn3.weight.abs().sum() > 0
@@ -223,32 +233,49 @@ def test_zero_init_last_and_options():
     assert meta("mobilenetv2").classifier[0].p == 0.2
     m = create_model("resnet18", "bn", num_classes=0, in_chans=1, **small("resnet18"))
     assert m(torch.randn(2, 1, 64, 64)).shape == (2, m.num_features)
-    assert create_model("resnet18", deep_stem=None, drop_rate=None, norm_k=None) is not None  # None = default
 
 
 def test_errors():
     with pytest.raises(ValueError, match=r"Unknown model 'resnet5'\. Did you mean 'resnet50'.*Valid models: aognet12m"):
         create_model("resnet5")
-    with pytest.raises(ValueError, match=r"^mobilenetv2 does not support option 'deep_stem'; supported: an_attention"):
+    with pytest.raises(ValueError, match=r"^mobilenetv2 does not support option 'deep_stem'\. Supported: norm, "):
         create_model("mobilenetv2", deep_stem=True)
-    with pytest.raises(ValueError, match=r"densenet121 does not support option 'an_placement'"):
-        create_model("densenet121", an_placement="bn2")
-    with pytest.raises(ValueError, match=r"norm_k must have 4 entries \(one K per stage\), got 3"):
+    with pytest.raises(ValueError, match=r"densenet121 does not support option 'norm_placement'"):
+        create_model("densenet121", norm_placement="bn2")
+    with pytest.raises(ValueError, match=r"densenet121 does not support option 'zero_init_last'"):
+        create_model("densenet121", zero_init_last=True)  # no residual branch
+    with pytest.raises(ValueError, match=r"'norm_k' must have 4 entries \(one K per stage\)"):
         create_model("resnet50", "an", norm_k=[10, 10, 20])
-    with pytest.raises(ValueError, match=r"norm_k must have 7 entries \(one K per inverted-residual row"):
+    with pytest.raises(ValueError, match=r"'norm_k' must have 7 entries \(one K per inverted-residual row"):
         create_model("mobilenetv2", "an", norm_k=[10, 10, 20, 20])
-    with pytest.raises(ValueError, match=r"norm_k must have 4 entries \(one K per dense block\)"):
+    with pytest.raises(ValueError, match=r"'norm_k' needs one K per dense block"):
         create_model("densenet121", "an", norm_k=[10])
-    with pytest.raises(ValueError, match=r"Unknown norm type 'bnn'.*Did you mean 'bn'"):
+    with pytest.raises(ValueError, match=r"Unknown norm 'bnn'.*Did you mean 'bn'"):
         create_model("resnet50", "bnn")
-    with pytest.raises(ValueError, match=r"an_placement 'bn3' is not valid for a basic-block ResNet"):
-        create_model("resnet18", "an", an_placement="bn3")
-    with pytest.raises(ValueError, match="zero_init_last=True is not applicable"):
-        create_model("densenet121", zero_init_last=True)
-    with pytest.raises(ValueError, match="an_attention must be one of hsigmoid, sigmoid, softmax"):
-        create_model("resnet50", "bn", an_attention="relu")
+    with pytest.raises(ValueError, match=r"'norm_placement' must be one of 'bn1', 'bn2', 'all', got 'bn3'"):
+        create_model("resnet18", "an", norm_placement="bn3")
+    with pytest.raises(ValueError, match=r"'attention' must be one of 'hsigmoid', 'sigmoid', 'softmax'"):
+        create_model("resnet50", "an", norm_kwargs={"attention": "relu"})
+    with pytest.raises(ValueError, match=r"norm 'bn' got unexpected keyword\(s\) 'attention'"):
+        create_model("resnet50", "bn", norm_kwargs={"attention": "sigmoid"})  # a BN has no attention
+    with pytest.raises(ValueError, match=r"set K with 'norm_k'"):
+        create_model("resnet50", "an", norm_kwargs={"k": 5})
+    with pytest.raises(ValueError, match=r"Unknown attention layer 'sse'.*Did you mean 'se'"):
+        create_model("resnet50", attn_layer="sse")
+    with pytest.raises(ValueError, match=r"'attn_kwargs' given without 'attn_layer'"):
+        create_model("resnet50", attn_kwargs={"reduction": 4})
     with pytest.raises(ValueError, match="must be True or False"):
         create_model("resnet50", deep_stem="yes")
+
+
+def test_norm_kwargs_reach_the_right_positions():
+    """AN's options reach the AN layers only; GN's groups reach every GN position of an_gn."""
+    m = meta("resnet50", "an", norm_kwargs={"attention": "sigmoid", "eps": 1e-3})
+    assert {x.attention.mode for _, x in _an_layers(m)} == {"sigmoid"}
+    assert m.bn1.eps == 1e-3 and type(m.bn1) is nn.BatchNorm2d  # the shared option reaches the plain BNs too
+    m = meta("resnet50", "an_gn", norm_kwargs={"groups": 16})
+    gns = [x for x in m.modules() if isinstance(x, nn.GroupNorm)]
+    assert gns and {x.num_groups for x in gns} == {16}
 
 
 def test_timm_registration():
@@ -284,7 +311,7 @@ def test_mac_counts():
     assert count_macs(meta("resnet50")) == 4_089_184_256
     assert count_macs(meta("resnet50", "an")) == 4_089_184_256  # AN keeps the MACs
     assert abs(count_macs(meta("mobilenetv2")) - 300.77e6) < 0.01e6
-    assert abs(count_macs(meta("aognet12m"), norm_cost=4) - 2.175e9) < 0.005e9  # AN_SPEC 5.4: thop 2.17-2.18G
+    assert abs(count_macs(meta("aognet12m"), norm_cost=4) - 2.175e9) < 0.005e9  # docs/AN.md 3.1: thop 2.17-2.18G
     m = create_model("resnet18", **small("resnet18")).train()
     count_macs(m, 64)
     assert m.training and m.layer1.training  # mode restored
@@ -293,7 +320,11 @@ def test_mac_counts():
 def _golden_models() -> dict[str, nn.Module]:
     specs = {
         "resnet50_an": ("resnet50", "an", small("resnet50", zero_init_last=False)),
-        "resnet18_se": ("resnet18", "se", small("resnet18", zero_init_last=False, se_reduction=4)),
+        "resnet18_se": (
+            "resnet18",
+            "bn",
+            small("resnet18", zero_init_last=False, attn_layer="se", attn_kwargs={"reduction": 4}),
+        ),
         "mobilenetv2_an": ("mobilenetv2", "an", small("mobilenetv2", drop_rate=0.0)),
         "densenet121_an_gn": ("densenet121", "an_gn", small("densenet121")),
         "aognet12m_an": ("aognet12m", "an", small("aognet12m", drop_rate=0.0)),

@@ -240,7 +240,7 @@ def test_mixup_cutmix_smoothing_accumulation_and_clipping_run(tmp_path):
 
 def test_gradient_accumulation_matches_the_large_batch(tmp_path):
     """Without BN (GroupNorm), 2 x 8 accumulated equals one batch of 16 (up to float reordering)."""
-    common = {"model": {"norm": "gn", "gn_groups": 4}, "sched": {"epochs": 1, "warmup_epochs": 0}}
+    common = {"model": {"norm": "gn", "norm_kwargs": {"groups": 4}}, "sched": {"epochs": 1, "warmup_epochs": 0}}
     big = tiny_config(tmp_path / "big", data={"batch_size": 16}, **common)
     acc = tiny_config(tmp_path / "acc", optim={"accum_steps": 2}, **common)
     assert train.main(["--config", str(big)]) == 0

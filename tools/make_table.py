@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # (table, backbone label, model name, norm, paper params (M), paper GFLOPs, top-1 err, top-5 err, quoted?)
-# AN_SPEC 4.1 (normal: 120 epochs, MobileNetV2 150) and 4.2 (advanced: 200 epochs + label smoothing + mixup).
+# docs/AN.md 5.1 (normal: 120 epochs, MobileNetV2 150) and 5.2 (advanced: 200 epochs + label smoothing + mixup).
 PAPER_ROWS = [
     ("normal", "ResNet-50", "resnet50", "bn", 25.56, 4.09, 23.01, 6.68, False),
     ("normal", "ResNet-50", "resnet50", "gn", 25.56, 4.09, 23.52, 6.85, True),
@@ -77,6 +77,14 @@ class Result:
     source: str
 
 
+def row_norm(record: dict) -> str:
+    """The table's norm label of an eval.py record: the norm, or the attention layer for BN + SE ('se')."""
+    attn = record.get("attn_layer")
+    if not attn:
+        return record["norm"]
+    return attn if record["norm"] == "bn" else f"{record['norm']}+{attn}"
+
+
 def setup_of(record: dict) -> str:
     recipe = record.get("recipe") or {}
     advanced = (recipe.get("epochs") or 0) >= 200 or (recipe.get("mixup") or 0) > 0
@@ -107,7 +115,7 @@ def find_results(paths: list[str], which: str) -> list[Result]:
                     Result(
                         setup=setup_of(record),
                         model=record["model"],
-                        norm=record["norm"],
+                        norm=row_norm(record),
                         top1=float(record["top1"]),
                         top5=float(record["top5"]),
                         count=int(record.get("count", 0)),

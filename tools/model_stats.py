@@ -5,9 +5,9 @@ one 224x224 image: "GMACs" is conv + linear (torchvision's and the paper's conve
 adds 4 operations per norm output element, as thop does (the AN authors' counter). Models are built on the
 meta device (no memory, a few seconds in all); ``--device cpu`` builds real ones instead.
 
-Paper figures (AN_SPEC 4): the AOGNet-v2 README table (120-epoch setup), the refactor's model zoo for exact
-parameter counts (ResNet-34, the ResNet-50 placements, bias-free SE, DenseNet-121-AN), and AN_SPEC 4.2 for
-the deep-stem ("-D") ResNets. Rows without a paper figure show "-".
+Paper figures (``docs/AN.md`` 5): the AOGNet-v2 README table (120-epoch setup, 5.1), the refactor's model zoo
+for exact parameter counts (ResNet-34, the ResNet-50 placements, bias-free SE, DenseNet-121-AN; 5.3), and the
+deep-stem ("-D") ResNets' counts built from the official code (4.2). Rows without a paper figure show "-".
 
 Usage:
     python tools/model_stats.py                               # every model x norm, plus the variant rows
@@ -30,6 +30,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root, for `import models`
 
+import an
 import models
 from models.stats import mac_breakdown
 
@@ -48,14 +49,13 @@ class Row:
     paper_gflops: float | None = None
 
 
-# (model, norm) -> (paper params in M, paper FLOPs in G); AN_SPEC 4.1 / 4.3.
+# (model, norm) -> (paper params in M, paper FLOPs in G); docs/AN.md 5.1 / 5.3.
 PAPER = {
     ("resnet34", "bn"): (21.798, None),
     ("resnet34", "an"): (21.996, None),
     ("resnet50", "bn"): (25.557, 4.09),
     ("resnet50", "gn"): (25.56, 4.09),
     ("resnet50", "sn"): (25.56, None),
-    ("resnet50", "se"): (28.09, None),
     ("resnet50", "an"): (25.755, 4.09),
     ("resnet101", "bn"): (44.549, 8.12),
     ("resnet101", "an"): (45.001, 8.12),
@@ -69,9 +69,10 @@ PAPER = {
 }
 
 VARIANTS = [
-    Row("resnet50", "se", {"se_bias": False}, "se_bias=False", 28.072),
-    Row("resnet50", "an", {"an_placement": "bn3"}, "an_placement=bn3", 26.349),
-    Row("resnet50", "an", {"an_placement": "all"}, "an_placement=all", 26.947),
+    Row("resnet50", "bn", {"attn_layer": "se"}, "attn_layer=se", 28.09),
+    Row("resnet50", "bn", {"attn_layer": "se", "attn_kwargs": {"bias": False}}, "attn_layer=se, bias=False", 28.072),
+    Row("resnet50", "an", {"norm_placement": "bn3"}, "norm_placement=bn3", 26.349),
+    Row("resnet50", "an", {"norm_placement": "all"}, "norm_placement=all", 26.947),
     Row("resnet50", "bn", D, "-D (deep stem, avg down)", 25.576, 4.09),
     Row("resnet50", "an", D, "-D (deep stem, avg down)", 25.775, 4.09),
     Row("resnet101", "bn", D, "-D (deep stem, avg down)", 44.568, 8.12),
@@ -83,7 +84,7 @@ def all_rows() -> list[Row]:
     """Every model x norm (with paper figures attached), then the variant rows after their base model."""
     rows = []
     for name in models.list_models():
-        for norm in models.list_norm_types():
+        for norm in an.list_norms():
             rows.append(Row(name, norm, {}, "", *PAPER.get((name, norm), (None, None))))
         rows += [v for v in VARIANTS if v.model == name]
     return rows
@@ -158,12 +159,12 @@ def main(argv: list[str] | None = None) -> int:
         and (not args.paper_only or r.paper_params_m is not None or r.paper_gflops is not None)
     ]
     if not rows:
-        print(f"no rows match; models: {', '.join(models.list_models())}; norms: {', '.join(models.list_norm_types())}")
+        print(f"no rows match; models: {', '.join(models.list_models())}; norms: {', '.join(an.list_norms())}")
         return 2
     t0 = time.perf_counter()
     if args.matrix:
         names = [n for n in models.list_models() if _matches(n, args.models)]
-        norms = [n for n in models.list_norm_types() if _matches(n, args.norms)]
+        norms = [n for n in an.list_norms() if _matches(n, args.norms)]
         rows = [Row(m, n) for m in names for n in norms]
         print(matrix(names, norms, args.device, args.img_size))
     else:

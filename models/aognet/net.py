@@ -19,16 +19,18 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 import an
+from an.checks import check_flag, check_int, check_rate
 
 from .._layers import classifier, conv2d
-from .._norms import NormFn, NormLayers
+from .._norms import NormFn, NormLayers, make_norm_layers
 from .grammar import AND, AOG, T, build_aog
 
 __all__ = ["AOGBlock", "AOGNet", "AOGNetConfig", "NodeOp", "block_widths", "slice_bounds"]
@@ -180,8 +182,9 @@ class AOGBlock(nn.Module):
             op_in = in_b[node.end + 1] - in_b[node.start] if node.kind == T else width
             norm2 = full_norm if aog.is_full(node) else norm_layers.norm
             self.nodes[node.key] = NodeOp(
-                op_in, width, norm_layers.norm, norm2, norm_layers.shortcut, norm_layers.se, drop_rate, bottleneck_ratio
-            )
+                op_in, width, norm_layers.norm, norm2, norm_layers.shortcut, norm_layers.attn, drop_rate,
+                bottleneck_ratio,
+            )  # fmt: skip
             plan.append(
                 (node.kind, (in_b[node.start], in_b[node.end + 1]), node.children, node.res_scales, node.lateral)
             )
@@ -220,37 +223,56 @@ class AOGNet(nn.Module):
 
     Args:
         config: Architecture (:data:`AOGNET_12M`, :data:`AOGNET_40M` or custom).
-        norm_layers: Norm constructors; ``stages`` (one per stage) is used at full-width nodes' 3x3 norms.
+        norm: Norm name (``an.list_norms()``); a placed norm such as AN goes at full-width nodes' 3x3 norms.
         num_classes: Classifier outputs (0 = return pooled features).
+        norm_k: K per stage for norms that take one (AN); the paper's [10, 10, 20, 20].
+        norm_kwargs: Options of the norm.
+        attn_layer: Attention layer in every node op after its last norm (``an.list_attns()``, e.g. ``'se'``).
+        attn_kwargs: Its options.
         in_chans: Input channels.
-        zero_init_last: Zero-init the last norm of every node op.
+        zero_init_last: Zero-init the last norm of every node op (the official configs do not).
+        filter_list: Replaces ``config.filter_list`` (stem width, then each stage's output width).
+        blocks: Replaces ``config.blocks`` (AOG blocks per stage).
+        drop_rate: Dropout2d in the node ops: a number for the stages that use it (3-4), or one rate per stage;
+            None keeps ``config.drop_rates``.
+        child_order: Replaces ``config.child_order`` (``'official'`` or ``'natural'``, see :mod:`.grammar`).
     """
 
     def __init__(
         self,
         config: AOGNetConfig,
-        norm_layers: NormLayers,
-        num_classes: int = 1000,
         *,
+        norm: str = "bn",
+        num_classes: int = 1000,
+        norm_k: Sequence[int] = (10, 10, 20, 20),
+        norm_kwargs: Mapping[str, Any] | None = None,
+        attn_layer: str | None = None,
+        attn_kwargs: Mapping[str, Any] | None = None,
         in_chans: int = 3,
         zero_init_last: bool = False,
+        filter_list: Sequence[int] | None = None,
+        blocks: Sequence[int] | None = None,
+        drop_rate: float | Sequence[float] | None = None,
+        child_order: str | None = None,
     ) -> None:
         super().__init__()
-        c = config
+        c = _override(config, filter_list, blocks, drop_rate, child_order)
         n = len(c.blocks)
         if not (len(c.filter_list) == n + 1 and len(c.dims) == len(c.remove_symmetric) == len(c.drop_rates) == n):
             raise ValueError(
                 "AOGNetConfig: filter_list needs one more entry than blocks/dims/remove_symmetric/drop_rates"
             )
+        norm_layers = make_norm_layers("AOGNet", norm, norm_k, norm_kwargs, attn_layer, attn_kwargs)
         if len(norm_layers.stages) != n:
-            raise ValueError(f"AOGNet needs {n} per-stage norms, got {len(norm_layers.stages)}")
+            raise ValueError(f"AOGNet: 'norm_k' must have {n} entries (one K per stage), got {norm_k!r}")
+        in_chans = check_int("AOGNet", "in_chans", in_chans)
         self.config = c
-        norm = norm_layers.norm
+        norm_fn = norm_layers.norm
         f0, half = c.filter_list[0], c.filter_list[0] // 2
         self.stem = nn.Sequential(
-            conv2d(in_chans, half, 3, 2), norm(half), nn.ReLU(inplace=True),
-            conv2d(half, half, 3), norm(half), nn.ReLU(inplace=True),
-            conv2d(half, f0, 3), norm(f0), nn.ReLU(inplace=True),
+            conv2d(in_chans, half, 3, 2), norm_fn(half), nn.ReLU(inplace=True),
+            conv2d(half, half, 3), norm_fn(half), nn.ReLU(inplace=True),
+            conv2d(half, f0, 3), norm_fn(f0), nn.ReLU(inplace=True),
             nn.MaxPool2d(kernel_size=2, stride=2),
         )  # fmt: skip
         for s in range(n):
@@ -259,7 +281,7 @@ class AOGNet(nn.Module):
             mods: OrderedDict[str, nn.Module] = OrderedDict()
             if s > 0:
                 mods["transition"] = nn.Sequential(
-                    conv2d(cin, cin, 1), norm(cin), nn.ReLU(inplace=True), nn.AvgPool2d(2, 2)
+                    conv2d(cin, cin, 1), norm_fn(cin), nn.ReLU(inplace=True), nn.AvgPool2d(2, 2)
                 )
             for j, w in enumerate(block_widths(cin, cout, c.blocks[s], c.dims[s])):
                 mods[f"block{j + 1}"] = AOGBlock(
@@ -270,7 +292,7 @@ class AOGNet(nn.Module):
         self.num_features = c.filter_list[-1]
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = classifier(self.num_features, num_classes)
-        if zero_init_last:
+        if check_flag("AOGNet", "zero_init_last", zero_init_last):
             for m in self.modules():
                 if isinstance(m, NodeOp):
                     m.zero_init_last()
@@ -290,21 +312,39 @@ class AOGNet(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def aognet_config(
+def _override(
     base: AOGNetConfig,
-    filter_list: Sequence[int] | None = None,
-    blocks: Sequence[int] | None = None,
-    drop_rates: Sequence[float] | None = None,
-    child_order: str | None = None,
+    filter_list: Sequence[int] | None,
+    blocks: Sequence[int] | None,
+    drop_rate: float | Sequence[float] | None,
+    child_order: str | None,
 ) -> AOGNetConfig:
-    """``base`` with the given fields replaced (None keeps the base value)."""
+    """``base`` with the options that were given (not None) replaced, after checking them."""
+    n = len(base.blocks)
     changes: dict = {}
     if filter_list is not None:
-        changes["filter_list"] = tuple(filter_list)
+        changes["filter_list"] = _int_list("filter_list", filter_list, n + 1)
     if blocks is not None:
-        changes["blocks"] = tuple(blocks)
-    if drop_rates is not None:
-        changes["drop_rates"] = tuple(drop_rates)
+        changes["blocks"] = _int_list("blocks", blocks, n)
+    if drop_rate is not None:
+        changes["drop_rates"] = _drop_rates(drop_rate, base.drop_rates)
     if child_order is not None:
         changes["child_order"] = child_order
     return base.with_(**changes)
+
+
+def _int_list(option: str, value: Any, length: int) -> tuple[int, ...]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) != length:
+        raise ValueError(f"AOGNet: '{option}' must be a list of {length} integers, got {value!r}")
+    return tuple(check_int("AOGNet", option, v) for v in value)
+
+
+def _drop_rates(value: float | Sequence[float], base: tuple[float, ...]) -> tuple[float, ...]:
+    """A number sets the Dropout2d of the stages that use it (3-4); a list of 4 sets each stage."""
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        if len(value) != len(base):
+            raise ValueError(f"AOGNet: 'drop_rate' as a list needs {len(base)} entries (one per stage), got {value!r}")
+        rates = tuple(value)
+    else:
+        rates = tuple(value if b > 0 else 0.0 for b in base)
+    return tuple(check_rate("AOGNet", "drop_rate", r) for r in rates)
