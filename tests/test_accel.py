@@ -56,8 +56,8 @@ def test_compiled_models_train_like_eager(impl):
     implementation: the same loss, gradients and running statistics as the uncompiled model."""
     torch.manual_seed(0)
     kw = {"base_width": 8}
-    eager = models.create_model("resnet18", norm="an", num_classes=10, an_impl=impl, **kw)
-    other = models.create_model("resnet18", norm="an", num_classes=10, an_impl=impl, **kw)
+    eager = models.create_model("resnet18", norm="an", num_classes=10, norm_kwargs={"impl": impl}, **kw)
+    other = models.create_model("resnet18", norm="an", num_classes=10, norm_kwargs={"impl": impl}, **kw)
     other.load_state_dict(eager.state_dict())
     torch._dynamo.reset()
     fwd, ev = accel.compile_models(other, other, cfg_with("train.compile=true"), "cpu", backend="eager")

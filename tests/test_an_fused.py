@@ -331,8 +331,8 @@ def test_resnet50_fused_trains_like_reference():
     import models
 
     torch.manual_seed(0)
-    ref = models.create_model("resnet50", norm="an", num_classes=10, an_impl="reference", base_width=8)
-    fl = models.create_model("resnet50", norm="an", num_classes=10, an_impl="fused", base_width=8)
+    ref = models.create_model("resnet50", norm="an", num_classes=10, norm_kwargs={"impl": "reference"}, base_width=8)
+    fl = models.create_model("resnet50", norm="an", num_classes=10, norm_kwargs={"impl": "fused"}, base_width=8)
     fl.load_state_dict(ref.state_dict())
     n_fused = sum(type(m) is an.FusedAttentiveBatchNorm2d for m in fl.modules())
     assert n_fused == 16 and not any(isinstance(m, an.FusedAttentiveBatchNorm2d) for m in ref.modules())

@@ -69,7 +69,7 @@ def test_row_reports_positive_finite_throughput(mode, precision, channels_last):
     assert row["memory_format"] == ("channels_last" if channels_last else "NCHW")
     assert (row["mode"], row["precision"], row["backend"]) == (mode, precision, "none")
     assert row["params_m"] == pytest.approx(
-        models.count_params(models.create_model("resnet18", "an", 10, **TINY)) / 1e6
+        models.count_params(models.create_model("resnet18", norm="an", num_classes=10, **TINY)) / 1e6
     )
     assert row["gmacs"] > 0 and row["achieved_tflops"] > 0
     assert "loader_images_per_sec" not in row

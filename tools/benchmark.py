@@ -60,6 +60,7 @@ import torch
 import yaml
 from torch import nn
 
+import an
 import data
 import models
 from engine import checkpoint as ck
@@ -69,6 +70,8 @@ from engine.optim import Schedule, build_optimizer
 
 PRECISIONS: dict[str, torch.dtype | None] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 AN_NORMS = ("an", "an_gn")  # norms for which --an-impl means something
+# Row names that are a norm plus a model option (the paper's "SE" rows: BN with squeeze-excitation blocks).
+NORM_ALIASES: dict[str, tuple[str, dict[str, Any]]] = {"se": ("bn", {"attn_layer": "se"})}
 AN_IMPLS = ("auto", "reference", "fused", "compile")
 BACKENDS = ("none", *data.BACKENDS)
 MODES = ("train", "infer")
@@ -281,7 +284,7 @@ def benchmark_row(
             the GPU, as in train.py).
         compile: wrap the model in ``torch.compile(mode=compile_mode)``.
         mode: ``train`` (a full trainer step) or ``infer`` (eval forward).
-        an_impl: AN implementation passed to the model as ``an_impl`` (None or ``auto``: the model's default).
+        an_impl: AN implementation passed to the model as ``norm_kwargs['impl']`` (None or ``auto``: the default).
         backend: ``none`` (one fixed device batch) or a ``data.build_loaders`` backend.
         data_root: dataset root for the folder backends.
         count_macs: add ``gmacs`` (``models.count_macs`` at ``img_size``) and the achieved TFLOP/s.
@@ -308,11 +311,15 @@ def benchmark_row(
     dtype = PRECISIONS[precision]
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     kwargs = dict(model_kwargs or {})
+    row_norm = norm
+    if norm in NORM_ALIASES:
+        norm, extra = NORM_ALIASES[norm]
+        kwargs.update(extra)
     if an_impl not in (None, "auto"):
-        kwargs["an_impl"] = an_impl
+        kwargs["norm_kwargs"] = {**kwargs.get("norm_kwargs", {}), "impl": an_impl}
     row: dict[str, Any] = {
         "model": model,
-        "norm": norm,
+        "norm": row_norm,
         "an_impl": an_impl or "auto",
         "batch_size": batch_size,
         "img_size": img_size,
@@ -646,10 +653,12 @@ def expand(args: argparse.Namespace) -> list[RowSpec]:
 
 
 def check_names(specs: list[RowSpec]) -> None:
-    """Raises the registries' ValueError for an unknown model or norm before anything is measured."""
+    """Raises ValueError for an unknown model or norm before anything is measured."""
+    norms = [*an.list_norms(), *NORM_ALIASES]
     for s in specs:
         models.model_entrypoint(s.model)
-        models._registry.check_norm_type(s.norm)
+        if s.norm not in norms:
+            raise ValueError(f"Unknown norm type '{s.norm}'. Valid: {', '.join(norms)}.")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -688,7 +697,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         nargs="+",
         default=["auto"],
         choices=AN_IMPLS,
-        help="AN implementation(s) passed to the model as an_impl (AN rows only)",
+        help="AN implementation(s) passed to the model as norm_kwargs impl (AN rows only)",
     )
     g.add_argument(
         "--model-kwargs",
