@@ -187,6 +187,8 @@ def test_main_writes_json_and_markdown_table(tmp_path, capsys):
     ]
     assert all(r["error"] is None and r["images_per_sec"] > 0 for r in rows)
     assert md.read_text().count("| resnet18 |") == 4
+    shown = benchmark.show([str(out)])
+    assert shown.count("| resnet18 |") == 4 and "Ceilings on" in shown and "--mode both" in shown
 
 
 def test_unknown_model_or_norm_is_a_clear_error(capsys):

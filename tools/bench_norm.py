@@ -216,7 +216,7 @@ def run_count_kernels(args: argparse.Namespace) -> str:
     x = torch.randn(args.batch_size, c, s, s).to(device=device, dtype=dtype, memory_format=fmt)
     layers = {"bn": an.create_norm("bn", c)}
     for impl in ("reference", "fused", "compile"):
-        layers[f"an ({impl})"] = an.create_norm("an", c, k=k, impl=impl)
+        layers[f"an ({impl}{', run eagerly' if impl == 'compile' else ''})"] = an.create_norm("an", c, k=k, impl=impl)
     if "an (fused)" in layers:
         import an.fused as fused
 

@@ -32,6 +32,7 @@ Usage::
     python tools/benchmark.py --device cpu --models resnet18 --norms bn an --batch-size 4 --img-size 64 \\
         --precision fp32 bf16 --steps 2 --repeats 2 --model-kwargs base_width=8
     python tools/benchmark.py --rows resnet50:an:256 --backend dali --data-root /data/imagenet --workers 12
+    python tools/benchmark.py --show docs/perf/part1.json    # saved results as markdown
 """
 
 from __future__ import annotations
@@ -754,8 +755,27 @@ def _label(s: RowSpec) -> str:
     )
 
 
+def show(paths: list[str]) -> str:
+    """Markdown of saved results (``--json`` files): command, environment, ceilings and table of each."""
+    out = []
+    for path in paths:
+        res = json.loads(Path(path).read_text())
+        env = res["environment"]
+        out += [f"`{env['command']}`", ""]
+        dali = f", DALI {env['dali']}" if env.get("dali") else ""
+        software = f"torch {env['torch']}, CUDA {env['cuda']}, cuDNN {env['cudnn']}{dali}"
+        out += [f"{env['device_name']}; {software}; git {env['git_revision']}; {env['time']}", ""]
+        if res.get("ceilings"):
+            out += [format_ceilings(res["ceilings"], env), ""]
+        out += [format_table(res["rows"]) if res["rows"] else "(no rows)", ""]
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--show"]:
+        print(show(argv[1:]))
+        return 0
     args = parse_args(argv)
     try:
         specs = expand(args)
