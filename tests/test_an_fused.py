@@ -475,3 +475,39 @@ def test_cuda_whole_layer_launches_and_compilations():
     before = cached()
     step(13)
     assert cached() == before
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not fused.triton_available() or fused.INTERPRET, reason="needs triton's compiler")
+def test_triton_kernels_compile_for_hopper(monkeypatch):
+    """Every kernel variant the fused layers launch (BN and GN, float32 and bf16, NCHW and channels_last, train and
+    eval) compiles to a cubin for sm_90 (H100/H200) with the installed Triton and its bundled ptxas; no GPU needed."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime import jit
+
+    target = GPUTarget("cuda", 90, 32)
+    backend = make_backend(target)
+    seen = {}
+
+    def compile_instead(self, *args, grid, warmup, **kwargs):
+        bound, spec, options = jit.create_function_from_signature(self.signature, self.params, backend)(*args, **kwargs)
+        key = (self.fn.__name__, str(spec), str(options))
+        if key not in seen:
+            options, signature, constexprs, attrs = self._pack_args(backend, kwargs, bound, spec, options)
+            src = ASTSource(self, signature, constexprs, attrs)
+            seen[key] = triton.compile(src, target=target, options=options.__dict__).asm.get("cubin")
+
+    monkeypatch.setattr(jit.JITFunction, "run", compile_instead)
+    monkeypatch.setattr(fused, "_kernels_for", lambda x, kernels: fused._TritonKernels)
+    for name in ("an", "an_gn"):
+        for dtype in (torch.float32, torch.bfloat16):
+            for cl in (False, True):
+                _, layer = make_pair(name, 64, k=10)
+                x = torch.randn(8, 64, 14, 14).to(dtype)
+                x = x.contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype != torch.float32):
+                    layer(x.requires_grad_()).float().sum().backward()
+                    layer.eval()(x)
+    assert len(seen) >= 30 and all(seen.values())
