@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from an.checks import check_choice, check_int
-from an.functional import channel_stats, compute_dtype, fp32_region, standardize_affine
+from an.functional import channel_stats, compute_dtype, fp32_region, hw_unbiased, mixture_affine, standardize_affine
 
 __all__ = [
     "ATTENTION_MODES",
@@ -153,10 +153,8 @@ class AttentiveNorm2d(nn.Module):
         with fp32_region(x):
             xf = x.to(compute_dtype(x))
             mean, var = channel_stats(xf)
-            hw = x.shape[2] * x.shape[3]
-            lam = self.attention(mean, var * (hw / (hw - 1)) if hw > 1 else var)  # unbiased; 0 at 1x1
-            scale = lam @ self.mixture_weight.to(xf.dtype)
-            shift = lam @ self.mixture_bias.to(xf.dtype)
+            lam = self.attention(mean, hw_unbiased(var, x.shape[2] * x.shape[3]))  # unbiased; 0 at 1x1
+            scale, shift = mixture_affine(lam, self.mixture_weight, self.mixture_bias)
             y = standardize_affine(self.norm, xf, mean, var, scale, shift)
         return y.to(x.dtype)
 

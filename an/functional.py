@@ -27,7 +27,17 @@ import contextlib
 import torch
 from torch import Tensor, nn
 
-__all__ = ["channel_affine", "channel_stats", "compute_dtype", "fp32_region", "standardize_affine"]
+__all__ = [
+    "centered_affine",
+    "channel_affine",
+    "channel_stats",
+    "compute_dtype",
+    "fp32_region",
+    "hw_unbiased",
+    "mixture_affine",
+    "standardize_affine",
+    "standardizer_stats",
+]
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:
@@ -123,6 +133,22 @@ def channel_affine(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
     return _ChannelAffine.apply(x, scale, shift)
 
 
+def hw_unbiased(var: Tensor, hw: int) -> Tensor:
+    """The unbiased per-(n, c) variance over H*W positions from the biased one (0 stays 0 when H*W == 1)."""
+    return var * (hw / (hw - 1)) if hw > 1 else var
+
+
+def mixture_affine(lam: Tensor, weight: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-(n, c) ``(scale, shift) = (lam @ weight, lam @ bias)``: the attention-weighted mixture of K affines.
+
+    Args:
+        lam: Attention weights (N, K).
+        weight: Gamma (K, C), cast to lam's dtype.
+        bias: B (K, C), cast to lam's dtype.
+    """
+    return lam @ weight.to(lam.dtype), lam @ bias.to(lam.dtype)
+
+
 def _bn_stats(bn: nn.BatchNorm2d, x: Tensor, mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
     """Per-channel (mean, biased var) that ``bn`` would normalize with; updates its buffers as BN does."""
     factor = 0.0
@@ -151,6 +177,36 @@ def _gn_stats(gn: nn.GroupNorm, mean: Tensor, var: Tensor) -> tuple[Tensor, Tens
     mu = m.mean(2, keepdim=True)
     sigma2 = var.view_as(m).mean(2, keepdim=True) + (m - mu).square().mean(2, keepdim=True)
     return mu.expand_as(m).reshape(n, c), sigma2.expand_as(m).reshape(n, c)
+
+
+def standardizer_stats(norm: nn.Module, x: Tensor, mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
+    """(mean, biased variance) that an exact affine-free ``nn.BatchNorm2d`` / ``nn.GroupNorm`` normalizes with.
+
+    BatchNorm: per channel (C,), batch or running statistics as ``norm.training`` says, updating the running
+    statistics exactly as ``nn.BatchNorm2d`` does. GroupNorm: per (n, c), each channel's group statistics.
+
+    Args:
+        norm: The standardizer.
+        x: Its input (N, C, H, W) (supplies the shape).
+        mean: ``channel_stats(x)[0]``.
+        var: ``channel_stats(x)[1]``.
+    """
+    if isinstance(norm, nn.GroupNorm):
+        return _gn_stats(norm, mean, var)
+    return _bn_stats(norm, x, mean, var)
+
+
+def centered_affine(
+    norm: nn.Module, x: Tensor, mean: Tensor, var: Tensor, scale: Tensor, shift: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Per-(n, c) ``(a, b)`` with ``norm(x) * scale + shift == (x - mean) * a + b`` (see :func:`standardizer_stats`).
+
+    Centring on the per-(n, c) mean avoids the cancellation of the folded ``x * a + (shift - mu * a)`` when
+    ``|mean| >> std``.
+    """
+    mu, sigma2 = standardizer_stats(norm, x, mean, var)
+    a = scale * torch.rsqrt(sigma2 + norm.eps)
+    return a, shift + a * (mean - mu)
 
 
 def standardize_affine(norm: nn.Module, x: Tensor, mean: Tensor, var: Tensor, scale: Tensor, shift: Tensor) -> Tensor:

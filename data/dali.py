@@ -1,33 +1,43 @@
-"""The ``dali`` and ``dali_cpu`` backends: NVIDIA DALI pipelines over our own per-epoch file lists.
+"""The ``dali`` and ``dali_cpu`` backends: one NVIDIA DALI pipeline per split for the whole run, fed our own order.
 
-Sharding is not left to DALI's reader: each epoch, the rank's file list is computed by
-:mod:`data.sampling` (the same permutation and strided shard as the other backends) and handed to
-``fn.readers.file(files=..., labels=...)`` in order, without DALI shuffling or sharding. A pipeline is
-built per epoch (train) and per pass (val) and dropped at its end, so no reader position leaks from
-one epoch, pass or interrupted loop into the next. Resuming at ``start_step`` starts the list at that
-batch (the same images as the uninterrupted run; DALI's augmentation stream restarts, so the crops differ).
+Each loader builds its pipeline once (at construction; :func:`build_pipeline`) and runs it for every epoch or
+validation pass, resetting it in between. The samples are not chosen by a DALI reader: an external source hands
+the pipeline, batch by batch, the file paths and labels of the batches the loader planned, and ``fn.io.file.read``
+reads the files in DALI's threads. The plan is :mod:`data.sampling`'s: each epoch a permutation of the whole
+training set drawn from ``(seed, epoch)``, the same on every rank, of which each rank takes a strided shard, so the
+ranks' shards are disjoint and every backend reads the same images at the same step. Resuming at ``start_step``
+starts the plan at that batch (the same images as the uninterrupted run; DALI's augmentation stream is not
+restored, so the crops differ). An epoch left unfinished (a step cap, preemption) is drained before the next one:
+the batches DALI had already queued are decoded and dropped (at most ``dali_prefetch``), so no batch of one epoch
+leaks into the next.
 
-Validation reads the rank's strided shard with ``pad_last_batch=True``; the padded copies of the last
-image in the last batch are cut off before the batch is returned, so every image counts exactly once.
+Validation reads the rank's strided shard; the last batch is simply smaller (the external source gives DALI
+batches of any size up to the pipeline's), so every image counts exactly once without padding.
 
-Pipeline: ``dali`` decodes on the GPU ("mixed": nvJPEG with the hardware decoder taking
-``dali_hw_decoder_load`` of the JPEGs, and preallocated decoder memory), with a fused decode +
-random-resized crop (ROI decode) for training; resize, flip and normalization (crop_mirror_normalize)
-run on the GPU and the output is float32 already in the requested memory format. ``dali_cpu`` runs
-the same operators on the CPU and returns uint8 NHWC; normalization then happens on the device
-(:class:`data.transforms.Normalizer`), which moves 4x fewer bytes to the GPU than float32 would.
+The pipeline is driven with ``Pipeline.run()`` only (not ``schedule_run`` / ``share_outputs`` /
+``release_outputs``, the lower-level API); a file DALI cannot decode (corrupt or truncated) surfaces as
+:class:`data.folder.DataLoadError` naming the file (the files of the failing batches are re-checked with PIL) and
+pointing to ``tools/check_dataset.py``; the broken pipeline is then rebuilt on the next use.
+
+Pipeline: ``dali`` decodes on the GPU ("mixed": nvJPEG, with the hardware decoder taking ``dali_hw_decoder_load``
+of the JPEGs), with a fused decode + random-resized crop (ROI decode) for training; resize, flip and normalization
+(crop_mirror_normalize) run on the GPU and the output is float32 already in the requested memory format. The
+hardware decoder's memory is preallocated for the share of the pipeline's own batch it decodes
+(:func:`preallocation`): images of up to ``dali_preallocate_width`` x ``dali_preallocate_height``, scaled down to fit
+``dali_preallocate_mib`` per pipeline (larger images grow the buffers when they come); the estimate and the GPU
+memory the build actually took are logged when the pipeline is built. ``dali_cpu`` runs the same operators on the
+CPU and returns uint8 NHWC; normalization then happens on the device (:class:`data.transforms.Normalizer`), which
+moves 4x fewer bytes to the GPU than float32 would.
 
 Evaluation resizes to the sizes that :func:`data.transforms.eval_transform` computes (shorter side
-``round(img_size / crop_pct)``, longer side rounded half up) with antialiasing, and crops at the
-same offset, so ``dali_cpu`` and ``torch`` agree to within resampling differences (tested). EXIF
-orientation is ignored, as PIL does.
-
-A decode failure raises :class:`data.folder.DataLoadError` naming the unreadable file (the files of
-the failing batch are re-checked with PIL) and pointing to ``tools/check_dataset.py``.
+``round(img_size / crop_pct)``, longer side rounded half up) with antialiasing, and crops at the same offset, so
+``dali_cpu`` and ``torch`` agree to within resampling differences (tested). EXIF orientation is ignored, as PIL does.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 import types
 from collections.abc import Iterator
@@ -40,6 +50,8 @@ from data.base import Batch, TrainLoader, ValLoader, feed_device
 from data.folder import DataLoadError, FileTable
 from data.sampling import dali_seed, val_shard
 from data.transforms import Normalizer, describe_error, eval_resize_size, load_rgb
+
+log = logging.getLogger(__name__)
 
 INSTALL_HINT = (
     "NVIDIA DALI is not installed, but data.backend={backend} needs it. Install the CUDA 13 build with\n"
@@ -62,9 +74,54 @@ def import_dali(backend: str = "dali") -> types.SimpleNamespace:
     return types.SimpleNamespace(fn=fn, math=dmath, types=dtypes, Pipeline=Pipeline, feed_ndarray=feed_ndarray)
 
 
+class BatchFeed:
+    """The pipeline's external source: the planned batches of (path, label), one per call, then StopIteration.
+
+    Paths go to DALI as the UTF-8 bytes of each path (``fn.io.file.read`` reads them); labels as int32 scalars.
+    """
+
+    def __init__(self, files: FileTable):
+        self.files = files
+        self.batches: list[np.ndarray] = []
+        self.next = 0
+
+    def plan(self, batches: list[np.ndarray]) -> None:
+        """The batches (arrays of sample indices) of the coming epoch or pass."""
+        self.batches, self.next = batches, 0
+
+    def stop(self) -> None:
+        """Ends the current plan: the next call raises StopIteration."""
+        self.next = len(self.batches)
+
+    def __call__(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        if self.next >= len(self.batches):
+            raise StopIteration
+        indices = self.batches[self.next]
+        self.next += 1
+        paths = [np.frombuffer(p.encode(), dtype=np.uint8) for p in self.files.paths(indices)]
+        return paths, [np.array(label, dtype=np.int32) for label in self.files.labels[indices]]
+
+
+def preallocation(data_cfg: Any, batch_size: int) -> dict[str, int]:
+    """nvJPEG hardware-decoder preallocation for a pipeline of ``batch_size``: the hints and the bytes they reserve.
+
+    The hardware decoder takes ``ceil(dali_hw_decoder_load * batch_size)`` images of each batch and its buffers are
+    preallocated for that many RGB images of the hinted size (3 bytes per pixel). The hints are
+    ``dali_preallocate_width`` x ``dali_preallocate_height``, scaled down (same aspect) until the total fits
+    ``dali_preallocate_mib``; 0 when ``dali_preallocate`` is off.
+    """
+    images = math.ceil(data_cfg.dali_hw_decoder_load * batch_size)
+    width, height = data_cfg.dali_preallocate_width, data_cfg.dali_preallocate_height
+    if not data_cfg.dali_preallocate or images == 0 or width * height == 0:
+        return {"images": images, "width": 0, "height": 0, "bytes": 0}
+    budget = data_cfg.dali_preallocate_mib * 2**20
+    shrink = min(1.0, math.sqrt(budget / (images * width * height * 3)))
+    width, height = max(1, int(width * shrink)), max(1, int(height * shrink))
+    return {"images": images, "width": width, "height": height, "bytes": images * width * height * 3}
+
+
 def build_pipeline(
-    files: list[str],
-    labels: list[int],
+    feed: BatchFeed,
     *,
     train: bool,
     data_cfg: Any,
@@ -75,36 +132,37 @@ def build_pipeline(
     normalize: bool,
     channels_last: bool = False,
     prefetch: int | None = None,
+    what: str = "",
 ):
-    """Builds a DALI pipeline that reads ``files`` in order, once per epoch of the reader.
+    """Builds a DALI pipeline that decodes the batches ``feed`` hands it (see the module docstring).
 
     Args:
-        files: image paths in reading order.
-        labels: class index per file.
+        feed: the external source (the loader plans its batches before each epoch or pass).
         train: random-resized crop + flip (else resize + center crop).
         data_cfg: ``cfg.data``.
-        batch_size: pipeline batch size.
+        batch_size: the pipeline's (largest) batch size.
         gpu: decode with the "mixed" (GPU) decoder and run the image operators on the GPU.
         device_id: CUDA device (``None`` for a CPU-only pipeline).
         seed: pipeline seed.
         normalize: output normalized float32 (CHW, or HWC when ``channels_last``); else uint8 HWC.
         channels_last: with ``normalize``, emit HWC so that the NCHW view is channels_last.
         prefetch: prefetch queue depth (default ``data_cfg.dali_prefetch``).
+        what: a name for the log line (e.g. "train").
     """
     dali = import_dali("dali" if gpu else "dali_cpu")
     fn, dt = dali.fn, dali.types
     size = data_cfg.img_size
     interp = dt.INTERP_CUBIC if data_cfg.interpolation == "bicubic" else dt.INTERP_LINEAR
     decode: dict[str, Any] = {"device": "mixed" if gpu else "cpu", "output_type": dt.RGB, "adjust_orientation": False}
+    prealloc = preallocation(data_cfg, batch_size) if gpu else None
     if gpu:
         decode["hw_decoder_load"] = data_cfg.dali_hw_decoder_load
-        if data_cfg.dali_preallocate:
-            decode.update(
-                preallocate_width_hint=data_cfg.dali_preallocate_width,
-                preallocate_height_hint=data_cfg.dali_preallocate_height,
-                device_memory_padding=data_cfg.dali_device_memory_padding,
-                host_memory_padding=data_cfg.dali_host_memory_padding,
-            )
+        decode.update(
+            device_memory_padding=data_cfg.dali_device_memory_padding,
+            host_memory_padding=data_cfg.dali_host_memory_padding,
+        )
+        if prealloc["bytes"]:
+            decode.update(preallocate_width_hint=prealloc["width"], preallocate_height_hint=prealloc["height"])
     pipe = dali.Pipeline(
         batch_size=batch_size,
         num_threads=max(1, data_cfg.workers),
@@ -113,9 +171,8 @@ def build_pipeline(
         prefetch_queue_depth=prefetch or data_cfg.dali_prefetch,
     )
     with pipe:
-        encoded, label = fn.readers.file(
-            files=files, labels=labels, random_shuffle=False, pad_last_batch=True, name="Reader"
-        )
+        paths, label = fn.external_source(source=feed, num_outputs=2, batch=True, dtype=[dt.UINT8, dt.INT32])
+        encoded = fn.io.file.read(paths)
         if train:
             images = fn.decoders.image_random_crop(
                 encoded,
@@ -159,7 +216,23 @@ def build_pipeline(
                 images, dtype=dt.UINT8, output_layout="HWC", crop=(size, size), mirror=mirror
             )
         pipe.set_outputs(images, label)
+    free_before = torch.cuda.mem_get_info(device_id)[0] if gpu else 0
     pipe.build()
+    if gpu:
+        taken = (free_before - torch.cuda.mem_get_info(device_id)[0]) / 2**20
+        log.info(
+            "DALI %s pipeline (batch %d): nvJPEG hardware decoder preallocated for %d images of up to %dx%d "
+            "(%.0f MiB estimated, budget data.dali_preallocate_mib=%d); building the pipeline took %.0f MiB of "
+            "GPU memory.",
+            what,
+            batch_size,
+            prealloc["images"],
+            prealloc["width"],
+            prealloc["height"],
+            prealloc["bytes"] / 2**20,
+            data_cfg.dali_preallocate_mib,
+            taken,
+        )
     return pipe
 
 
@@ -174,118 +247,141 @@ def _find_unreadable(paths: list[str]) -> list[tuple[str, str]]:
 
 
 class _DaliRunner:
-    """What the DALI train and val loaders share: pipeline options, output conversion and error reports."""
+    """One split's pipeline for the whole run: planning, running, draining, output conversion and error reports."""
 
     def __init__(
         self,
         files: FileTable,
         data_cfg: Any,
         *,
+        train: bool,
+        batch_size: int,
+        seed: int,
         gpu: bool,
         device: torch.device,
         device_id: int | None,
         normalizer: Normalizer,
         normalize_in_pipeline: bool | None,
+        what: str,
     ):
         import_dali("dali" if gpu else "dali_cpu")
         self.files = files
         self.data_cfg = data_cfg
+        self.train = train
+        self.batch_size = batch_size
+        self.seed = seed
         self.gpu = gpu
         self.device = device
         self.device_id = device_id
         self.normalizer = normalizer
         self.normalize = gpu if normalize_in_pipeline is None else normalize_in_pipeline
         self.channels_last = normalizer.memory_format == torch.channels_last
-        self._feed = import_dali().feed_ndarray
+        self.what = what
+        self._feed_ndarray = import_dali().feed_ndarray
+        self.feed = BatchFeed(files)
+        self.pipe = None
+        self.builds = 0
+        self._build()
 
-    def pipeline(self, indices: np.ndarray, batch_size: int, train: bool, seed: int):
-        batches = -(-len(indices) // batch_size)
-        return build_pipeline(
-            self.files.paths(indices),
-            self.files.labels[indices].tolist(),
-            train=train,
+    def _build(self) -> None:
+        self.feed.plan([])
+        self.pipe = build_pipeline(
+            self.feed,
+            train=self.train,
             data_cfg=self.data_cfg,
-            batch_size=batch_size,
+            batch_size=self.batch_size,
             gpu=self.gpu,
             device_id=self.device_id,
-            seed=seed,
+            seed=self.seed,
             normalize=self.normalize,
             channels_last=self.channels_last,
-            prefetch=min(self.data_cfg.dali_prefetch, batches),
+            what=self.what,
         )
+        self.builds += 1
+
+    def close(self) -> None:
+        self.pipe = None
 
     def _to_torch(self, tensor_list, dtype: torch.dtype, on_device: bool) -> torch.Tensor:
         dense = tensor_list.as_tensor()
         if on_device:
             out = torch.empty(dense.shape(), dtype=dtype, device=self.device)
-            self._feed(dense, out, cuda_stream=torch.cuda.current_stream(self.device))
+            self._feed_ndarray(dense, out, cuda_stream=torch.cuda.current_stream(self.device))
         else:
-            pin = self.device.type == "cuda"
-            out = torch.empty(dense.shape(), dtype=dtype, pin_memory=pin)
-            self._feed(dense, out)
+            out = torch.empty(dense.shape(), dtype=dtype, pin_memory=self.device.type == "cuda")
+            self._feed_ndarray(dense, out)
         return out
 
-    def run(self, pipe, indices: np.ndarray, batch_size: int, what: str) -> Iterator[Batch]:
-        """Runs ``pipe`` over ``indices`` (its file list) and yields the batches, the padding cut off.
-
-        Iterations are scheduled one by one (``schedule_run``) and never past the last needed batch, so
-        no prefetched batch of the reader's next epoch is decoded for nothing.
-        """
-        n = len(indices)
-        batches = -(-n // batch_size)
-        scheduled = 0
-        for k in range(batches):
+    def _drain(self) -> None:
+        """Ends the plan and consumes what DALI already queued, then resets the pipeline for the next plan."""
+        self.feed.stop()
+        for _ in range(self.data_cfg.dali_prefetch + 2):
             try:
-                if k == 0:
-                    pipe.schedule_run()  # fills the prefetch queue: prefetch_queue_depth iterations
-                    scheduled = pipe.prefetch_queue_depth
-                images, labels = pipe.share_outputs()
-            except RuntimeError as e:
-                raise self._decode_error(e, indices, k, batch_size, what) from None
-            real = min(batch_size, n - k * batch_size)
-            x = self._to_torch(images, torch.float32 if self.normalize else torch.uint8, self.gpu)[:real]
-            y = self._to_torch(labels, torch.int32, False).view(-1)[:real]
-            del images, labels
-            pipe.release_outputs()
-            if scheduled < batches:
-                pipe.schedule_run()
-                scheduled += 1
-            if self.normalize:
-                if self.channels_last:
-                    x = x.permute(0, 3, 1, 2)
-                yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True).long()
-            else:
-                yield x, y
+                self.pipe.run()
+            except StopIteration:
+                break
+        self.pipe.reset()
 
-    def batches(self, pipe, indices: np.ndarray, batch_size: int, what: str) -> Iterator[Batch]:
-        """Device batches of ``pipe`` in the requested memory format."""
-        host = self.run(pipe, indices, batch_size, what)
+    def run(self, batches: list[np.ndarray], label: str) -> Iterator[Batch]:
+        """Runs the pipeline over ``batches`` (arrays of sample indices) and yields host or device batches."""
+        if not batches:
+            return
+        if self.pipe is None:
+            self._build()  # after a failure (or close): the broken pipeline was dropped
+        self.feed.plan(batches)
+        done = False
+        try:
+            for k, indices in enumerate(batches):
+                try:
+                    images, labels = self.pipe.run()
+                except (RuntimeError, StopIteration) as e:
+                    self.pipe = None  # not reusable after a failed iteration
+                    raise self._decode_error(e, batches, k, label) from None
+                x = self._to_torch(images, torch.float32 if self.normalize else torch.uint8, self.gpu)
+                y = self._to_torch(labels, torch.int32, False).view(-1)
+                assert len(y) == len(indices), "DALI returned a batch of another size than planned"
+                del images, labels
+                if self.normalize:
+                    if self.channels_last:
+                        x = x.permute(0, 3, 1, 2)
+                    yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True).long()
+                else:
+                    yield x, y
+            done = True
+        finally:
+            if self.pipe is not None:
+                if done:
+                    self.feed.stop()
+                self._drain()
+
+    def batches(self, batches: list[np.ndarray], label: str) -> Iterator[Batch]:
+        """Device batches in the requested memory format."""
+        host = self.run(batches, label)
         if self.normalize:
             for x, y in host:
                 yield self.normalizer.format(x), y
         else:
             yield from feed_device(host, self.normalizer, self.device)
 
-    def _decode_error(
-        self, err: RuntimeError, indices: np.ndarray, k: int, batch_size: int, what: str
-    ) -> DataLoadError:
+    def _decode_error(self, err: Exception, batches: list[np.ndarray], k: int, label: str) -> DataLoadError:
         # The failing iteration may be any of those DALI had already queued (prefetch).
-        ahead = self.data_cfg.dali_prefetch
-        candidates = self.files.paths(indices[k * batch_size : (k + ahead + 1) * batch_size])
+        ahead = np.concatenate(batches[k : k + self.data_cfg.dali_prefetch + 1])
+        candidates = self.files.paths(ahead)
         bad = _find_unreadable(candidates)
         detail = str(err).strip().splitlines()
         dali_says = next((line for line in reversed(detail) if line.strip() and "no longer valid" not in line), "")
         if bad:
             names = "\n".join(f"  {p} ({e})" for p, e in bad)
-            head = f"DALI could not decode an image in {what}, batch {k}. Unreadable files there:\n{names}\n"
+            head = f"DALI could not decode an image in {label}, batch {k}. Unreadable files there:\n{names}\n"
         else:
             head = (
-                f"The DALI pipeline failed in {what}, batch {k} (files {candidates[0]} ... {candidates[-1]}); "
+                f"The DALI pipeline failed in {label}, batch {k} (files {candidates[0]} ... {candidates[-1]}); "
                 f"PIL can read all of those files, so the failure is DALI-specific.\n"
             )
         return DataLoadError(
-            f"{head}DALI said: {dali_says}\nRun `python tools/check_dataset.py {os.path.dirname(self.files.root)}` "
-            f"to list every unreadable file, then fix or remove them; data.backend=torch skips unreadable files."
+            f"{head}DALI said: {dali_says or type(err).__name__}\nRun `python tools/check_dataset.py "
+            f"{os.path.dirname(self.files.root)}` to list every unreadable file, then fix or remove them; "
+            f"data.backend=torch skips unreadable files."
         )
 
 
@@ -316,23 +412,29 @@ class DaliTrainLoader(TrainLoader):
         self._runner = _DaliRunner(
             files,
             data_cfg,
+            train=True,
+            batch_size=self.batch_size,
+            seed=dali_seed(seed, rank, 0),
             gpu=gpu,
             device=device,
             device_id=device_id,
             normalizer=normalizer,
             normalize_in_pipeline=normalize_in_pipeline,
+            what=f"train (rank {rank})",
         )
+
+    @property
+    def pipeline_builds(self) -> int:
+        """How many times the pipeline was built (1 for a healthy run)."""
+        return self._runner.builds
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         self._check_start(start_step)
-        indices = self.batch_indices(epoch)[start_step:].reshape(-1)
-        if not len(indices):
-            return
-        pipe = self._runner.pipeline(indices, self.batch_size, True, dali_seed(self.seed, self.rank, epoch))
-        try:
-            yield from self._runner.batches(pipe, indices, self.batch_size, f"epoch {epoch} (rank {self.rank})")
-        finally:
-            del pipe
+        batches = list(self.batch_indices(epoch)[start_step:])
+        yield from self._runner.batches(batches, f"epoch {epoch} (rank {self.rank})")
+
+    def close(self) -> None:
+        self._runner.close()
 
 
 class DaliValLoader(ValLoader):
@@ -359,18 +461,25 @@ class DaliValLoader(ValLoader):
         self._runner = _DaliRunner(
             files,
             data_cfg,
+            train=False,
+            batch_size=self.batch_size,
+            seed=0,
             gpu=gpu,
             device=device,
             device_id=device_id,
             normalizer=normalizer,
             normalize_in_pipeline=normalize_in_pipeline,
+            what=f"validation (rank {rank})",
         )
 
+    @property
+    def pipeline_builds(self) -> int:
+        """How many times the pipeline was built (1 for a healthy run)."""
+        return self._runner.builds
+
     def __iter__(self) -> Iterator[Batch]:
-        if not self.num_samples:
-            return
-        pipe = self._runner.pipeline(self.indices, self.batch_size, False, 0)
-        try:
-            yield from self._runner.batches(pipe, self.indices, self.batch_size, f"validation (rank {self.rank})")
-        finally:
-            del pipe
+        batches = [self.indices[i : i + self.batch_size] for i in range(0, self.num_samples, self.batch_size)]
+        yield from self._runner.batches(batches, f"validation (rank {self.rank})")
+
+    def close(self) -> None:
+        self._runner.close()

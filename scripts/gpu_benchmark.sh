@@ -1,92 +1,109 @@
 #!/usr/bin/env bash
-# Every throughput figure of the performance issue in ONE call of the GPU machine (about 9 minutes):
+# The GPU measurement in three parts of at most ~4 minutes each on one H200; each part is useful alone and
+# writes one JSON of tools/benchmark.py (partN.json) and its log (partN.log) into the results folder it is given.
 #
-#   1. rn50     machine ceilings (bf16 matmul TFLOP/s, copy GB/s); ResNet-50 BN and AN (an_impl reference and
-#               fused) at batch 256, bf16, channels_last, fixed synthetic batch, train and infer, eager
-#   2. data     tools/bench_loader.py (dali if importable, and torch) on generated ImageNet-sized JPEGs, then
-#               ResNet-50 BN/AN training fed by the dali backend (compare with the fixed-batch rows of 1)
-#   3. paper    training at the paper's per-GPU batches, BN and AN: ResNet-101 128, MobileNetV2 128,
-#               DenseNet-121 256, AOGNet-12M 256, AOGNet-40M 128; ResNet-50 GN, SN and SE at 256
-#   4. compile  the rows of 1 again with torch.compile (whatever fits in the time left)
+#   PART=1  GPU tests (pytest -m gpu); machine ceilings (bf16 matmul TFLOP/s, device copy GB/s); ResNet-50 with BN
+#           and with AN in each implementation (reference, fused, compile; the compile one under torch.compile),
+#           training and inference, batch 256, bf16, channels_last, one fixed synthetic batch.
+#   PART=2  the paper's other rows at their per-GPU batch, training: ResNet-101 128, MobileNetV2 128, DenseNet-121
+#           256, AOGNet-12M 256, AOGNet-40M 128 (BN and AN), ResNet-50 GN, SN and SE 256. AN uses AN_IMPL (default:
+#           the fastest AN training row of part1.json in the results folder when it is there, else fused).
+#   PART=3  DALI: unpacks it from the DALI parts (.gpu/d-00, d-01, d-02) when it is not importable, writes
+#           ImageNet-sized JPEGs, then ResNet-50 AN training fed by nothing (fixed batch), by dali and by the torch
+#           backend with 16 workers (each row also times the loader alone), and the dali evaluation pipeline alone
+#           (part3_loader.jsonl, tools/bench_loader.py).
 #
 # Usage (repository root):
-#   bash scripts/gpu_benchmark.sh                    # on the GPU machine; results in $OUT
-#   DEVICE=cpu QUICK=1 bash scripts/gpu_benchmark.sh # tiny sizes on the CPU, to check the flow
+#   PART=1 bash scripts/gpu_benchmark.sh RESULTS_DIR       # on the GPU machine, e.g. RESULTS_DIR=$OUT
+#   DEVICE=cpu QUICK=1 PART=3 bash scripts/gpu_benchmark.sh /tmp/res   # tiny sizes on the CPU: checks the flow
 #
-# Environment: OUT (results folder; default runs/gpu_benchmark), DEVICE (cuda|cpu), QUICK (1 = tiny sizes),
-# BUDGET (seconds for the whole script; default 530), PARTS (default "rn50 data paper compile"; e.g. PARTS=compile
-# for a second call when the first ran out of time), THREADS (torch threads, CPU runs), PYTHON.
-# DALI: when it is not importable and $DALI_PARTS/dali-part-* exist (default .gpu/, made by
-# /work/shared/gpu/pack_dali.sh and carried to the machine), it is installed from them into /tmp/site first.
-# Each part runs under `timeout` (capped by the time left) and a failing part does not stop the others;
-# tools/benchmark.py rewrites its JSON after every row, so a part cut short keeps its finished rows.
-# Files in $OUT (at most 8, flat): summary.md, log.txt, rn50.json, data.json, loader.json, paper.json,
-# compile.json.
+# Environment: PART (1, 2 or 3; required), DEVICE (cuda | cpu), QUICK (1 = tiny sizes), AN_IMPL (part 2),
+# DALI_PARTS (folder of the DALI parts, default .gpu), SITE (where they unpack, default /tmp/site), JPEGS (JPEG
+# folder, default /tmp/gpu_bench_jpegs), THREADS (torch threads, CPU runs), PYTHON.
+# The DALI parts are a site-packages tree (DALI and the nvJPEG library it needs), as a tar archive compressed with
+# xz and split in three; they unpack with `cat d-* | xz -dc | tar -x` into SITE, which goes first on PYTHONPATH.
+# Each step runs under `timeout`; tools/benchmark.py rewrites its JSON after every row, so a step cut short keeps
+# its finished rows, and a failing step does not stop the next one.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-OUT=${OUT:-runs/gpu_benchmark}
+PART=${PART:-}
+RESULTS=${1:-${RESULTS:-}}
+if [[ ! $PART =~ ^[123]$ || -z $RESULTS ]]; then
+  echo "usage: PART=1|2|3 bash scripts/gpu_benchmark.sh RESULTS_DIR  (see the header of this script)" >&2
+  exit 2
+fi
 DEVICE=${DEVICE:-cuda}
 QUICK=${QUICK:-0}
-BUDGET=${BUDGET:-530}
-PARTS=${PARTS:-rn50 data paper compile}
 PY=${PYTHON:-python3}
-JPEGS=${JPEGS:-/tmp/gpu_bench_jpegs}
 DALI_PARTS=${DALI_PARTS:-.gpu}
-mkdir -p "$OUT"
-START=$SECONDS
-STATUS=()
+SITE=${SITE:-/tmp/site}
+JPEGS=${JPEGS:-/tmp/gpu_bench_jpegs}
+mkdir -p "$RESULTS"
+LOG="$RESULTS/part$PART.log"
+JSON="$RESULTS/part$PART.json"
+export PYTHONUNBUFFERED=1 TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-16}
 
 if [[ $QUICK == 1 ]]; then
-  IMG=32 B_RN50=2 B_SMALL=2 B_LARGE=2 WARM=1 STEPS=2 REPS=2 WORKERS=2
-  UNIQUE=16 NFILES=64 CEIL=(--ceiling-size 256 --ceiling-copy-mib 32)
-  COMPILE_ROWS=(--rows resnet18:bn:2 --mode infer)  # CPU compilation is slow: one small row checks the flow
+  IMG=32 B=2 B_SMALL=2 B_LARGE=2 WARM=1 STEPS=2 REPS=2 WORKERS=2 UNIQUE=8 NFILES=32
+  CEIL=(--ceiling-size 256 --ceiling-copy-mib 32)
+  TESTS=(tests/test_accel.py)
+  # CPU code generation is slow: a small model, compiled by dynamo without code generation, checks the flow.
+  RN50=resnet18 RN50_KW=(--model-kwargs base_width=8) COMPILE_KW=(--compile-backend eager)
+  PAPER=("mobilenetv2:bn:$B_SMALL" "mobilenetv2:an:$B_SMALL" "resnet50:gn:$B")
 else
-  IMG=224 B_RN50=256 B_SMALL=128 B_LARGE=256 WARM=10 STEPS=20 REPS=3 WORKERS=12
-  UNIQUE=512 NFILES=16384 CEIL=()
-  COMPILE_ROWS=(--rows "resnet50:bn:$B_RN50" "resnet50:an:$B_RN50" --an-impl fused reference --mode both)
+  IMG=224 B=256 B_SMALL=128 B_LARGE=256 WARM=5 STEPS=15 REPS=3 WORKERS=16 UNIQUE=512 NFILES=16384
+  CEIL=()
+  TESTS=(tests/)
+  RN50=resnet50 RN50_KW=() COMPILE_KW=()
+  PAPER=("resnet101:bn:$B_SMALL" "resnet101:an:$B_SMALL" "mobilenetv2:bn:$B_SMALL" "mobilenetv2:an:$B_SMALL"
+    "densenet121:bn:$B_LARGE" "densenet121:an:$B_LARGE" "aognet12m:bn:$B_LARGE" "aognet12m:an:$B_LARGE"
+    "aognet40m:bn:$B_SMALL" "aognet40m:an:$B_SMALL" "resnet50:gn:$B" "resnet50:sn:$B" "resnet50:se:$B")
 fi
 COMMON=(--device "$DEVICE" --img-size "$IMG" --precision bf16 --channels-last --warmup "$WARM" --steps "$STEPS"
   --repeats "$REPS" ${THREADS:+--threads "$THREADS"})
 
-left() { echo $((BUDGET - (SECONDS - START))); }
-
-# part NAME CAP_SECONDS COMMAND...: runs COMMAND (a program or an exported function of this script) under a
-# timeout of min(CAP, time left); never fails.
-part() {
-  local name=$1 cap=$2 t0=$SECONDS rc
+# step NAME SECONDS COMMAND...: runs COMMAND (a program or an exported function of this script) under a timeout;
+# reports its exit status; never fails.
+step() {
+  local name=$1 limit=$2 t0=$SECONDS rc
   shift 2
-  local t
-  t=$(left)
-  ((cap < t)) && t=$cap
-  if ((t < 20)); then
-    echo "=== $name: skipped, out of time ==="
-    STATUS+=("$name: skipped (out of time)")
-    return 0
-  fi
-  echo "=== $name (timeout ${t}s, $(left)s left) ==="
-  timeout -k 10 "$t" bash -c '"$@"' bash "$@"
+  echo "=== $name (timeout ${limit}s) ==="
+  timeout -k 10 "$limit" bash -c '"$@"' bash "$@"
   rc=$?
-  echo "=== $name: exit $rc after $((SECONDS - t0))s ==="
-  STATUS+=("$name: exit $rc, $((SECONDS - t0))s$( ((rc == 124 || rc == 137)) && echo ' (timed out)')")
-  return 0
+  echo "=== $name: exit $rc after $((SECONDS - t0))s$( ((rc == 124 || rc == 137)) && echo ' (timed out)') ==="
 }
 
-want() { [[ " $PARTS " == *" $1 "* ]]; }
+# The fastest AN implementation for training in part1.json (fused when there is none).
+best_an_impl() {
+  $PY - "$RESULTS/part1.json" <<'PY'
+import json, sys
+try:
+    rows = json.load(open(sys.argv[1]))["rows"]
+except (OSError, ValueError, KeyError):
+    rows = []
+rows = [r for r in rows if r.get("norm") == "an" and r.get("mode") == "train" and not r.get("error")]
+print(max(rows, key=lambda r: r["images_per_sec"])["an_impl"] if rows else "fused")
+PY
+}
 
 setup_dali() {
   if $PY -c "import nvidia.dali" 2>/dev/null; then
+    echo "DALI $($PY -c 'import nvidia.dali as d; print(d.__version__)') is importable"
     return 0
   fi
-  if compgen -G "$DALI_PARTS/dali-part-*" >/dev/null; then
-    echo "installing DALI from $DALI_PARTS/dali-part-*"
-    mkdir -p /tmp/w && cat "$DALI_PARTS"/dali-part-* | tar -x -C /tmp/w &&
-      $PY -m pip install -q --no-index --no-deps --target /tmp/site /tmp/w/*.whl &&
-      export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  local parts=("$DALI_PARTS"/d-0[0-2])
+  if [[ ${#parts[@]} -ne 3 || ! -f ${parts[0]} || ! -f ${parts[2]} ]]; then
+    echo "DALI is not importable and the three DALI parts are not all in $DALI_PARTS (found: ${parts[*]})"
+    return 1
   fi
+  mkdir -p "$SITE" && cat "${parts[@]}" | xz -dc | tar -x -C "$SITE" || return 1
+  export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
+  echo "DALI unpacked into $SITE: $($PY -c 'import nvidia.dali as d; print(d.__version__)')"
 }
 
-# ImageNet-sized JPEGs (500x375, ~90 KB): UNIQUE generated in parallel, hard-linked up to NFILES in 8 classes.
+# ImageNet-sized JPEGs (500x375, ~90 KB): UNIQUE written in parallel, hard-linked up to NFILES training files
+# in 8 classes; val/ holds the UNIQUE files.
 make_jpegs() {
   $PY - "$JPEGS" "$UNIQUE" "$NFILES" <<'PY'
 import os, sys
@@ -110,126 +127,61 @@ def write(i):
 src.mkdir(parents=True, exist_ok=True)
 with Pool(min(16, os.cpu_count() or 1)) as pool:
     pool.map(write, range(unique))
-for split in ("train", "val"):
-    for i in range(total if split == "train" else unique):
+for split, count in (("train", total), ("val", unique)):
+    for i in range(count):
         d = root / split / f"n{i % 8:08d}"
         d.mkdir(parents=True, exist_ok=True)
         dst = d / f"img_{i:06d}.JPEG"
         if not dst.exists():
             os.link(src / f"img_{i % unique:06d}.JPEG", dst)
-print(f"{total} training JPEGs ({unique} distinct) in {root}")
+print(f"{total} training and {unique} validation JPEGs ({unique} distinct) in {root}")
 PY
 }
 
-bench_loader() {  # bench_loader BACKEND: appends the result line to loader.json (one JSON object per line)
-  local tmp
-  tmp=$(mktemp)
-  $PY tools/bench_loader.py --data-root "$JPEGS" --backend "$1" --device "$DEVICE" --batch-size "$B_RN50" \
-    --steps $((STEPS * 2)) --warmup "$WARM" --workers "$WORKERS" --img-size "$IMG" --channels-last | tee "$tmp"
-  local rc=${PIPESTATUS[0]}
-  tail -n 1 "$tmp" | grep '^{' >>"$OUT/loader.json"
-  rm -f "$tmp"
+part1() {
+  step "gpu tests" 75 $PY -m pytest -q -m gpu -p no:cacheprovider "${TESTS[@]}"
+  step "resnet50" 165 $PY tools/benchmark.py "${COMMON[@]}" --ceilings "${CEIL[@]}" --mode both --compile auto \
+    --rows "$RN50:bn:$B" "$RN50:an:$B" --an-impl fused reference compile "${RN50_KW[@]}" "${COMPILE_KW[@]}" \
+    --json "$JSON"
+}
+
+part2() {
+  local impl=${AN_IMPL:-$(best_an_impl)}
+  echo "AN implementation: $impl"
+  step "paper rows" 225 $PY tools/benchmark.py "${COMMON[@]}" --mode train --compile auto --an-impl "$impl" \
+    --rows "${PAPER[@]}" "${COMPILE_KW[@]}" --json "$JSON"
+}
+
+part3() {
+  local dali=dali
+  [[ $DEVICE == cpu ]] && dali=dali_cpu
+  if ! setup_dali; then
+    dali=""
+  fi
+  step "jpegs" 45 make_jpegs
+  [[ -n $dali ]] && step "$dali evaluation pipeline alone" 40 loader_alone "$dali" val
+  # shellcheck disable=SC2086
+  step "resnet50 an fed by data" 150 $PY tools/benchmark.py "${COMMON[@]}" --mode train --rows "resnet50:an:$B" \
+    --an-impl "${AN_IMPL:-fused}" --backend none $dali torch --data-root "$JPEGS" --workers "$WORKERS" --json "$JSON"
+}
+
+loader_alone() {  # loader_alone BACKEND SPLIT: tools/bench_loader.py; its JSON line goes to part3_loader.jsonl
+  local out
+  out=$($PY tools/bench_loader.py --data-root "$JPEGS" --backend "$1" --split "$2" --device "$DEVICE" \
+    --batch-size "$B" --steps $((STEPS * 2)) --warmup "$WARM" --workers "$WORKERS" --img-size "$IMG" --channels-last)
+  local rc=$?
+  echo "$out"
+  [[ $rc == 0 ]] && tail -n 1 <<<"$out" >>"$RESULTS/part3_loader.jsonl"
   return "$rc"
 }
 
-run_all() {
-  echo "gpu_benchmark: DEVICE=$DEVICE QUICK=$QUICK BUDGET=${BUDGET}s PARTS='$PARTS' OUT=$OUT"
+export -f make_jpegs loader_alone
+export PY JPEGS UNIQUE NFILES RESULTS DEVICE B STEPS WARM WORKERS IMG
+{
+  echo "gpu_benchmark part $PART: DEVICE=$DEVICE QUICK=$QUICK RESULTS=$RESULTS"
   echo "git $(git rev-parse --short HEAD 2>/dev/null || echo '?'), $(nproc) CPUs, $($PY --version 2>&1)"
   command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  rm -f "$OUT"/{rn50,data,loader,paper,compile}.json
-  setup_dali
-  local dali_backend=""
-  if $PY -c "import nvidia.dali" 2>/dev/null; then
-    dali_backend=$([[ $DEVICE == cpu ]] && echo dali_cpu || echo dali)
-    echo "DALI $($PY -c 'import nvidia.dali as d; print(d.__version__)'): backend $dali_backend"
-  else
-    echo "DALI is not importable: the dali runs are skipped"
-  fi
-
-  if want rn50; then
-    part rn50 170 $PY tools/benchmark.py "${COMMON[@]}" --ceilings "${CEIL[@]}" \
-      --rows "resnet50:bn:$B_RN50" "resnet50:an:$B_RN50" --an-impl reference fused --mode both \
-      --json "$OUT/rn50.json"
-  fi
-
-  if want data; then
-    part jpegs 60 make_jpegs
-    [[ -n $dali_backend ]] && part "loader-$dali_backend" 60 bench_loader "$dali_backend"
-    part loader-torch 60 bench_loader torch
-    part "train-${dali_backend:-torch}" 110 $PY tools/benchmark.py "${COMMON[@]}" \
-      --rows "resnet50:bn:$B_RN50" "resnet50:an:$B_RN50" --mode train --backend "${dali_backend:-torch}" \
-      --data-root "$JPEGS" --workers "$WORKERS" --json "$OUT/data.json"
-  fi
-
-  if want paper; then
-    part paper 210 $PY tools/benchmark.py "${COMMON[@]}" --mode train --warmup $((WARM / 2 + 1)) \
-      --steps $((STEPS / 2)) \
-      --rows "resnet101:bn:$B_SMALL" "resnet101:an:$B_SMALL" "mobilenetv2:bn:$B_SMALL" "mobilenetv2:an:$B_SMALL" \
-      "densenet121:bn:$B_LARGE" "densenet121:an:$B_LARGE" "aognet12m:bn:$B_LARGE" "aognet12m:an:$B_LARGE" \
-      "aognet40m:bn:$B_SMALL" "aognet40m:an:$B_SMALL" "resnet50:gn:$B_RN50" "resnet50:sn:$B_RN50" \
-      "resnet50:se:$B_RN50" --json "$OUT/paper.json"
-  fi
-
-  if want compile; then
-    part compile 600 $PY tools/benchmark.py "${COMMON[@]}" --compile on "${COMPILE_ROWS[@]}" --json "$OUT/compile.json"
-  fi
-
-  echo
-  echo "=== parts ==="
-  printf '%s\n' "${STATUS[@]}"
-  echo "total $((SECONDS - START))s"
-  summarize
-}
-
-# The summary: every table and the loader lines in summary.md, and a short table on stdout.
-summarize() {
-  $PY - "$OUT" <<'PY'
-import json, sys
-from pathlib import Path
-
-from tools.benchmark import format_ceilings, format_table
-
-out = Path(sys.argv[1])
-md, short = ["# GPU benchmark", ""], []
-for name in ("rn50", "data", "paper", "compile"):
-    path = out / f"{name}.json"
-    if not path.exists():
-        md += [f"## {name}", "", "(no result)", ""]
-        continue
-    res = json.loads(path.read_text())
-    env = res["environment"]
-    md += [f"## {name}", "", f"`{env['command']}`", "", f"{env['device_name']}, torch {env['torch']}, "
-           f"CUDA {env['cuda']}, cuDNN {env['cudnn']}, git {env['git_revision']}", ""]
-    if res.get("ceilings"):
-        md += [format_ceilings(res["ceilings"], env), ""]
-        short.append(format_ceilings(res["ceilings"], env))
-    md += [format_table(res["rows"]) if res["rows"] else "(no rows)", ""]
-    for r in res["rows"]:
-        impl = r.get("an_impl", "auto") if r.get("norm", "").startswith("an") else "-"
-        data = "fixed" if r.get("backend") == "none" else r.get("backend")
-        if r.get("error"):
-            result = "ERROR " + r["error"].splitlines()[0][:60]
-        else:
-            result = f"{r['images_per_sec']:9.1f} img/s {r['peak_mem_mib']:8.0f} MiB"
-            if r.get("loader_images_per_sec"):
-                result += f"  loader {r['loader_images_per_sec']:.0f} img/s, wait {100 * r['data_wait_frac']:.0f}%"
-        short.append(f"{name:8s} {r['model']:12s} {r['norm']:5s} {impl:9s} b{r['batch_size']:<4d} "
-                      f"{'compiled' if r['compile'] else 'eager':8s} {r['mode']:5s} {data:9s} {result}")
-loader = out / "loader.json"
-if loader.exists():
-    md += ["## loader only (tools/bench_loader.py)", "", "| backend | batch | workers | img/s |", "|---|---|---|---|"]
-    for line in loader.read_text().splitlines():
-        r = json.loads(line)
-        md.append(f"| {r['backend']} | {r['batch_size']} | {r['workers']} | {r['images_per_sec']:.1f} |")
-        short.append(f"loader   {r['backend']:9s} b{r['batch_size']:<4d} workers {r['workers']:<3d} "
-                     f"{r['images_per_sec']:9.1f} img/s")
-    md.append("")
-(out / "summary.md").write_text("\n".join(md))
-print("\n=== summary ===")
-print("\n".join(short))
-PY
-}
-
-export -f make_jpegs bench_loader
-export PY JPEGS UNIQUE NFILES OUT DEVICE B_RN50 STEPS WARM WORKERS IMG
-run_all 2>&1 | tee "$OUT/log.txt"
+  t0=$SECONDS
+  "part$PART"
+  echo "part $PART: $((SECONDS - t0))s in all"
+} 2>&1 | tee "$LOG"

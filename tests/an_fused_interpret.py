@@ -14,6 +14,7 @@ import torch
 import an
 import an.fused as fused
 from tests.test_an_fused import assert_same_buffers, compare, make_pair, rel, run, sgd_steps
+from tools.bench_norm import KernelCounter
 
 pytestmark = pytest.mark.skipif(
     not (fused.INTERPRET and fused.triton_available()),
@@ -86,26 +87,70 @@ def test_auto_selects_triton_here():
     assert fused._kernels_for(torch.randn(2, 3, 4, 4).double(), "auto") is fused._TorchKernels
 
 
+def launches(layer, x, g=None):
+    """(aten kernels, Triton launches) of one ``layer(x)`` (and backward with ``g``), counted by the tool's counter
+    (gradients start as None, as after ``zero_grad(set_to_none=True)``: no accumulation kernels)."""
+    layer.zero_grad(set_to_none=True)
+    with KernelCounter() as counter:
+        y = layer(x)
+        if g is not None:
+            y.backward(g)
+    return sum(counter.aten.values()), sum(counter.triton.values())
+
+
 @pytest.mark.parametrize("name", ["an", "an_gn"])
+@pytest.mark.parametrize("attention", ["hsigmoid", "sigmoid", "softmax"])
 @pytest.mark.parametrize("shape", [(4, 8, 5, 5), (3, 16, 4, 6), (2, 8, 1, 1)])
 @pytest.mark.parametrize("cl", [False, True], ids=["nchw", "channels_last"])
-def test_layer_with_triton_kernels_matches_reference(name, shape, cl, monkeypatch):
-    calls = []
-    for fn in ("_sums", "affine"):
-        orig = getattr(fused._TritonKernels, fn)
-
-        def counted(*args, _orig=orig, _name=fn, **kwargs):
-            calls.append(_name)
-            return _orig(*args, **kwargs)
-
-        monkeypatch.setattr(fused._TritonKernels, fn, staticmethod(counted))
-    ref, fl = make_pair(name, shape[1], k=4, attention="softmax" if cl else "hsigmoid")
+def test_whole_layer_in_triton_matches_reference(name, attention, shape, cl):
+    """The whole path (small math and its derivative in Triton) against the reference, train and eval, with the
+    running statistics; 9 launches per training step and 4 per evaluation forward, and no aten kernel at all."""
+    ref, fl = make_pair(name, shape[1], k=5, attention=attention)
     fl.kernels = "triton"
     sgd_steps(ref, fl, shape, steps=2, cl=cl, tol=2e-5)
-    assert calls.count("_sums") == 4 and calls.count("affine") == 4  # 2 reductions + 2 elementwise per step
-    x, g = _as(torch.randn(shape) + 0.5, cl), torch.randn(shape)
+    assert fl.attention.bn.num_batches_tracked.item() == 2
+    x, g = _as(torch.randn(shape) * 2 - 0.3, cl), _as(torch.randn(shape), cl)  # g in x's layout: no copy
     compare(ref.eval(), fl.eval(), x, g, tol=2e-5, what="eval")
     assert_same_buffers(ref, fl)
+    assert launches(fl.train(), x.requires_grad_(), g) == (0, 9)
+    assert launches(fl.eval(), x) == (0, 4)
+
+
+@pytest.mark.parametrize("momentum", [None, 0.3])
+def test_whole_layer_running_statistics_and_mixed_modes(momentum):
+    """Cumulative and exponential running averages; a standardizer in training with the attention BN in eval
+    mode, and the other way round (each BN follows its own ``training`` flag, as in the reference)."""
+    ref, fl = make_pair("an", 8, k=4, momentum=momentum)
+    fl.kernels = "triton"
+    sgd_steps(ref, fl, (5, 8, 6, 6), steps=3)
+    for std_train in (True, False):
+        for layer in (ref, fl):
+            layer.train()
+            layer.norm.train(std_train)
+            layer.attention.bn.train(not std_train)
+        x, g = torch.randn(5, 8, 6, 6) + 0.5, torch.randn(5, 8, 6, 6)
+        compare(ref, fl, x, g, tol=2e-5, what=f"standardizer training={std_train}")
+        assert_same_buffers(ref, fl)
+
+
+@pytest.mark.parametrize("case", ["hooks", "group_size_3", "float64_buffers"])
+def test_composed_path_where_the_whole_path_does_not_apply(case):
+    """Hooks on the attention branch (they must see lam), a GroupNorm group size that is not a power of two, or
+    buffers in another dtype: the composed path runs (Triton passes over x, torch small math) and matches."""
+    name, c, kw = ("an_gn", 12, {"groups": 4}) if case == "group_size_3" else ("an", 8, {})
+    ref, fl = make_pair(name, c, k=3, **kw)
+    fl.kernels = "triton"
+    seen = []
+    if case == "hooks":
+        fl.attention.register_forward_hook(lambda m, i, out: seen.append(out.shape))
+    if case == "float64_buffers":
+        fl.norm.running_var = fl.norm.running_var.double()
+        ref.norm.running_var = ref.norm.running_var.double()
+    x, g = torch.randn(4, c, 3, 3) + 1, torch.randn(4, c, 3, 3)
+    compare(ref, fl, x, g, tol=2e-5, what=case)
+    aten, trit = launches(fl, x.requires_grad_(), g)
+    assert trit == 4 and aten > 10  # two passes each way in Triton, the small math in torch
+    assert seen == ([(4, 3)] * 2 if case == "hooks" else [])
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)

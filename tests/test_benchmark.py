@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 from pathlib import Path
 
@@ -68,7 +69,7 @@ def test_row_reports_positive_finite_throughput(mode, precision, channels_last):
     assert row["memory_format"] == ("channels_last" if channels_last else "NCHW")
     assert (row["mode"], row["precision"], row["backend"]) == (mode, precision, "none")
     assert row["params_m"] == pytest.approx(
-        models.count_params(models.create_model("resnet18", "an", 10, **TINY)) / 1e6
+        models.count_params(models.create_model("resnet18", norm="an", num_classes=10, **TINY)) / 1e6
     )
     assert row["gmacs"] > 0 and row["achieved_tflops"] > 0
     assert "loader_images_per_sec" not in row
@@ -186,6 +187,8 @@ def test_main_writes_json_and_markdown_table(tmp_path, capsys):
     ]
     assert all(r["error"] is None and r["images_per_sec"] > 0 for r in rows)
     assert md.read_text().count("| resnet18 |") == 4
+    shown = benchmark.show([str(out)])
+    assert shown.count("| resnet18 |") == 4 and "Ceilings on" in shown and "--mode both" in shown
 
 
 def test_unknown_model_or_norm_is_a_clear_error(capsys):
@@ -259,5 +262,71 @@ def test_row_expansion():
         benchmark.parse_rows(benchmark.parse_args(["--rows", "resnet50"]))
 
 
-def test_gpu_script_is_valid_bash():
-    subprocess.run(["bash", "-n", str(REPO / "scripts" / "gpu_benchmark.sh")], check=True)
+SCRIPT = REPO / "scripts" / "gpu_benchmark.sh"
+
+
+def test_gpu_script_is_valid_bash_and_needs_a_part_and_a_folder(tmp_path):
+    subprocess.run(["bash", "-n", str(SCRIPT)], check=True)
+    for env in ({}, {"PART": "4"}):
+        proc = subprocess.run(["bash", str(SCRIPT), str(tmp_path)], env={**os.environ, **env}, capture_output=True)
+        assert proc.returncode == 2 and b"usage: PART=1|2|3" in proc.stderr
+    assert "/work/" not in SCRIPT.read_text()  # no path of one particular machine
+
+
+def test_gpu_script_unpacks_dali_from_three_parts(tmp_path):
+    """The DALI parts are a tar archive, xz-compressed and split in three: the script's setup_dali unpacks them
+    into SITE and puts it first on PYTHONPATH (checked with a stand-in archive and a Python that has no DALI)."""
+    tree = tmp_path / "tree" / "nvidia" / "dali"
+    tree.mkdir(parents=True)
+    (tree / "__init__.py").write_text("__version__ = 'stand-in'\n")
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    archive = tmp_path / "dali.tar.xz"
+    pack = f"tar -C {tmp_path / 'tree'} -cf - . | xz -1 > {archive} && split -n 3 -d {archive} {parts}/d-"
+    subprocess.run(["bash", "-c", pack], check=True)
+    assert sorted(p.name for p in parts.iterdir()) == ["d-00", "d-01", "d-02"]
+    site = tmp_path / "site"
+    fn = f"source <(sed -n '/^setup_dali()/,/^}}/p' {SCRIPT}); setup_dali && echo \"PYTHONPATH=$PYTHONPATH\""
+    env = {**os.environ, "PY": "false", "DALI_PARTS": str(parts), "SITE": str(site), "PYTHONPATH": "/x"}
+    out = subprocess.run(["bash", "-c", fn], env=env, capture_output=True, text=True, check=True).stdout
+    assert (site / "nvidia" / "dali" / "__init__.py").read_text() == "__version__ = 'stand-in'\n"
+    assert f"PYTHONPATH={site}:/x" in out
+    (parts / "d-02").unlink()
+    proc = subprocess.run(["bash", "-c", fn], env=env, capture_output=True, text=True)
+    assert proc.returncode == 1 and "not all in" in proc.stdout
+
+
+@pytest.mark.slow
+def test_gpu_script_parts_run_on_the_cpu(tmp_path):
+    """PART=1, 2 and 3 in quick mode on the CPU (the flow of each part, tiny sizes): each writes its JSON and log;
+    part 2 takes the AN implementation that trained fastest in part 1; part 3 times the loaders on JPEGs it wrote."""
+    env = {**os.environ, "DEVICE": "cpu", "QUICK": "1", "THREADS": "1", "JPEGS": str(tmp_path / "jpegs")}
+    results = tmp_path / "results"
+    for part in ("1", "2", "3"):
+        proc = subprocess.run(
+            ["bash", str(SCRIPT), str(results)], env={**env, "PART": part}, capture_output=True, text=True, timeout=600
+        )
+        assert proc.returncode == 0, proc.stdout[-3000:]
+        log = (results / f"part{part}.log").read_text()
+        assert f"part {part}:" in log and "(timed out)" not in log, log[-3000:]
+        rows = json.loads((results / f"part{part}.json").read_text())["rows"]
+        assert rows and all(r["error"] is None and r["images_per_sec"] > 0 for r in rows), log[-3000:]
+        if part == "1":
+            assert {(r["norm"], r.get("an_impl"), r["compile"], r["mode"]) for r in rows} == {
+                (n, i, i == "compile", m)
+                for n, i in [("bn", "auto"), ("an", "fused"), ("an", "reference"), ("an", "compile")]
+                for m in ("train", "infer")
+            }
+            trained = [r for r in rows if r["norm"] == "an" and r["mode"] == "train"]
+            best = max(trained, key=lambda r: r["images_per_sec"])["an_impl"]
+        elif part == "2":
+            assert f"AN implementation: {best}" in log
+            assert {r["an_impl"] for r in rows if r["norm"] == "an"} == {best}
+        else:
+            assert [r["backend"] for r in rows] == ["none", "dali_cpu", "torch"]
+            assert all(r["loader_images_per_sec"] > 0 for r in rows[1:])
+            (line,) = (results / "part3_loader.jsonl").read_text().splitlines()
+            assert json.loads(line)["split"] == "val"
+    assert sorted(p.name for p in results.iterdir()) == sorted(
+        [f"part{i}.{ext}" for i in "123" for ext in ("json", "log")] + ["part3_loader.jsonl"]
+    )

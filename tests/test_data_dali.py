@@ -157,3 +157,109 @@ def test_missing_dali_gives_install_hint(dataset, monkeypatch):
     with pytest.raises(ImportError) as info:
         data.build_loaders(make_cfg(dataset))
     assert "pip install nvidia-dali-cuda130" in str(info.value) and "data.backend=torch" in str(info.value)
+
+
+# ---------------------------------------------------------------------------------------------- one pipeline per run
+def solid_color_folder(root, n: int = 24, classes: int = 2):
+    """``n`` 32x32 JPEGs of one flat color each, encoding the file number (i -> red 8 * i): with a full-image crop
+    and no flip, every training image's mean red identifies its file."""
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for i in range(n):
+            folder = root / split / f"c{i % classes}"
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (32, 32), (8 * i + 4, 128, 64)).save(folder / f"img_{i:03d}.JPEG", quality=95)
+    return root
+
+
+def file_ids(batches, cfg) -> list[list[int]]:
+    """Which file each image of each batch came from (its red channel's mean), from normalized batches."""
+    mean, std = cfg.data.mean[0], cfg.data.std[0]
+    return [[round(((x[i, 0].mean().item() * std + mean) * 255 - 4) / 8) for i in range(len(x))] for x, _ in batches]
+
+
+@pytest.fixture(scope="module")
+def colors(tmp_path_factory):
+    return solid_color_folder(tmp_path_factory.mktemp("colors"))
+
+
+def color_cfg(root, batch_size=3, **kw):
+    return make_cfg(root, batch_size=batch_size, scale=[1.0, 1.0], ratio=[1.0, 1.0], hflip=0.0, **kw)
+
+
+def test_one_pipeline_per_split_for_the_whole_run(colors, monkeypatch):
+    """Epochs, an epoch left unfinished, a mid-epoch resume and validation passes: one pipeline build per split;
+    every epoch decodes exactly its planned files in order, also after an unfinished one (no leaked batch)."""
+    import data.dali as dali_mod
+
+    builds = []
+    real = dali_mod.build_pipeline
+    monkeypatch.setattr(dali_mod, "build_pipeline", lambda *a, **k: builds.append(k["train"]) or real(*a, **k))
+    files = [p.name for p in sorted((colors / "train").glob("*/*.JPEG"))]  # the file table's order
+    cfg = color_cfg(colors, eval_batch_size=5)
+    with data.build_loaders(cfg) as ld:
+        assert sorted(builds) == [False, True]
+        train = ld.train
+        for epoch in range(3):
+            expect = [[int(files[i][4:7]) for i in row] for row in train.batch_indices(epoch)]
+            got = file_ids(collect(train.epoch(epoch)), cfg)
+            assert got == expect, f"epoch {epoch}"
+            it = train.epoch(epoch + 10)  # left after one batch (a step cap, preemption) ...
+            next(it)
+            it.close()
+        resumed = file_ids(collect(train.epoch(1, start_step=2)), cfg)
+        assert resumed == file_ids(collect(train.epoch(1)), cfg)[2:]
+        val = [collect(ld.val) for _ in range(3)]
+        assert [len(y) for _, y in val[0]] == [5] * 4 + [4] and all(
+            torch.equal(a[0], b[0]) for a, b in zip(val[0], val[2])
+        )
+        assert train.pipeline_builds == ld.val.pipeline_builds == 1
+    assert sorted(builds) == [False, True]
+
+
+def test_two_ranks_read_disjoint_shards_every_epoch(colors):
+    """Two ranks (two loaders with rank 0 and 1 of 2): each epoch they decode disjoint sets of files, together the
+    epoch's first steps * 2 * batch files of the shared permutation, and the order changes between epochs."""
+    cfg = color_cfg(colors, batch_size=2)
+    seen = {}
+    for rank in range(2):
+        with data.build_loaders(cfg, rank=rank, world_size=2) as ld:
+            for epoch in range(2):
+                seen[rank, epoch] = file_ids(collect(ld.train.epoch(epoch)), cfg)
+                names = [p.name for p in sorted((colors / "train").glob("*/*.JPEG"))]
+                expect = [[int(names[i][4:7]) for i in row] for row in ld.train.batch_indices(epoch)]
+                assert seen[rank, epoch] == expect
+            steps = ld.steps_per_epoch
+    for epoch in range(2):
+        a, b = ([i for row in seen[r, epoch] for i in row] for r in range(2))
+        assert not set(a) & set(b) and len(set(a) | set(b)) == steps * 2 * 2
+    assert seen[0, 0] != seen[0, 1]
+
+
+def test_truncated_jpeg_in_the_train_set_is_a_python_exception(tmp_path):
+    root = make_image_folder(tmp_path, train_per_class=[3, 3, 2], val_per_class=[2, 1, 1], size=(64, 48))
+    bad = corrupt_file(sorted((root / "train").glob("*/*.JPEG"))[4], "truncate")
+    with data.build_loaders(make_cfg(root)) as ld:
+        with pytest.raises(data.DataLoadError) as info:
+            for epoch in range(2):
+                collect(ld.train.epoch(epoch))
+        assert str(bad) in str(info.value) and "truncated" in str(info.value)
+        bad.unlink()  # the broken pipeline is rebuilt on the next use; the list still names the file, so it fails
+        with pytest.raises(data.DataLoadError):
+            collect(ld.train.epoch(0))
+        assert ld.train.pipeline_builds == 2
+
+
+def test_preallocation_fits_the_budget_and_the_batch():
+    from data.dali import preallocation
+
+    d = Config().data
+    full = preallocation(d, 256)
+    assert full["images"] == 231  # ceil(0.9 * 256): the hardware decoder's share of the batch
+    assert full["bytes"] <= d.dali_preallocate_mib * 2**20 < 6000 * 6000 * 3 * 231
+    assert abs(full["width"] / full["height"] - 1.0) < 0.01  # the hints' aspect is kept
+    small = preallocation(d, 8)  # a small batch fits at the hinted size
+    assert (small["width"], small["height"], small["images"]) == (6000, 6000, 8)
+    d.dali_preallocate = False
+    assert preallocation(d, 256)["bytes"] == 0

@@ -20,13 +20,21 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
 import os
 import platform
 import statistics
 import sys
 import time
 
+if "--count-kernels" in sys.argv and "TRITON_INTERPRET" not in os.environ and "--device" not in sys.argv:
+    # Counting on the CPU: run the fused layers' Triton kernels in Triton's interpreter, which reads this variable
+    # when the kernels are defined (when `an` is imported below).
+    os.environ["TRITON_INTERPRET"] = "1"
+
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root, for `import an`
 
@@ -119,6 +127,119 @@ def _build(name: str, channels: int, k: int, impl: str) -> torch.nn.Module:
     return an.create_norm(name, channels, **kwargs)
 
 
+# ---------------------------------------------------------------------------------------------- kernel counting
+# aten ops that launch no device kernel: allocations (and views, recognised by OpOverload.is_view).
+_NO_KERNEL = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "sym_size", "sym_stride",
+              "sym_numel", "sym_storage_offset", "is_contiguous", "lift_fresh"}  # fmt: skip
+
+
+class KernelCounter(TorchDispatchMode):
+    """Counts kernel launches: aten ops that reach the dispatcher (what eager PyTorch turns into device kernels)
+    and Triton launches (compiled kernels and Triton's interpreter alike), by name.
+
+    ``aten`` counts ops that launch a kernel, ``no_kernel`` the allocations and views (they launch none),
+    ``triton`` the Triton launches; the torch ops Triton's interpreter issues while it runs a kernel are not counted.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.aten: collections.Counter = collections.Counter()
+        self.no_kernel: collections.Counter = collections.Counter()
+        self.triton: collections.Counter = collections.Counter()
+        self._in_triton = 0
+        self._patched: list = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not self._in_triton:
+            name = func.overloadpacket.__name__
+            (self.no_kernel if func.is_view or name in _NO_KERNEL else self.aten)[name] += 1
+        return func(*args, **(kwargs or {}))
+
+    def __enter__(self):
+        with contextlib.suppress(ImportError):  # no Triton: nothing to patch
+            import triton.runtime.interpreter as interp
+            import triton.runtime.jit as jit
+
+            for cls in (jit.JITFunction, interp.InterpretedFunction):
+                self._patched.append((cls, cls.run))
+                cls.run = self._wrap(cls.run)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for cls, orig in self._patched:
+            cls.run = orig
+        self._patched.clear()
+        return super().__exit__(*exc)
+
+    def _wrap(self, orig):
+        counter = self
+
+        def run(kernel, *args, grid, warmup, **kwargs):
+            if not warmup:
+                counter.triton[getattr(kernel, "__name__", None) or getattr(kernel.fn, "__name__", "?")] += 1
+            counter._in_triton += 1
+            try:
+                return orig(kernel, *args, grid=grid, warmup=warmup, **kwargs)
+            finally:
+                counter._in_triton -= 1
+
+        return run
+
+    @property
+    def total(self) -> int:
+        return sum(self.aten.values()) + sum(self.triton.values())
+
+
+def count_kernels(layer: torch.nn.Module, x: torch.Tensor, backward: bool = True) -> KernelCounter:
+    """Kernel launches of one ``layer(x)`` (and its backward, with a given output gradient) after a warm-up call."""
+    g = torch.ones_like(x)
+
+    def step():
+        xx = x.detach().requires_grad_(backward)
+        with torch.autocast(x.device.type, dtype=x.dtype, enabled=x.dtype != torch.float32):
+            y = layer(xx)
+        if backward:
+            y.backward(g)
+        layer.zero_grad(set_to_none=True)
+
+    step()
+    with KernelCounter() as counter:
+        step()
+    return counter
+
+
+def run_count_kernels(args: argparse.Namespace) -> str:
+    """Markdown table: kernel launches per layer, forward+backward in training and forward in evaluation."""
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    c, s, k = SHAPES[args.count_shape]
+    x = torch.randn(args.batch_size, c, s, s).to(device=device, dtype=dtype, memory_format=fmt)
+    layers = {"bn": an.create_norm("bn", c)}
+    for impl in ("reference", "fused", "compile"):
+        layers[f"an ({impl}{', run eagerly' if impl == 'compile' else ''})"] = an.create_norm("an", c, k=k, impl=impl)
+    if "an (fused)" in layers:
+        import an.fused as fused
+
+        kernels = fused._kernels_for(x, "auto").name
+        layers[f"an (fused, {kernels} kernels)"] = layers.pop("an (fused)")
+    lines = [
+        f"Kernel launches per layer at C={c} @ {s}x{s}, K={k}, batch {args.batch_size}, {args.dtype}, "
+        f"{'channels_last' if args.channels_last else 'NCHW'}, on {device.type}"
+        + (" (Triton kernels in Triton's interpreter)" if os.environ.get("TRITON_INTERPRET") == "1" else ""),
+        "",
+        "| layer | train fwd+bwd | of which Triton | eval fwd | aten ops (train) |",
+        "|---|---|---|---|---|",
+    ]
+    for name, layer in layers.items():
+        layer = layer.to(device).train()
+        train = count_kernels(layer, x, backward=True)
+        evaluation = count_kernels(layer.eval(), x, backward=False)
+        ops = ", ".join(f"{op} {n}" for op, n in train.aten.most_common())
+        triton_launches = sum(train.triton.values())
+        lines.append(f"| {name} | {train.total} | {triton_launches} | {evaluation.total} | {ops or '-'} |")
+    return "\n".join(lines)
+
+
 def run(args: argparse.Namespace) -> str:
     """Runs the benchmark and returns the markdown table."""
     device = torch.device(args.device)
@@ -183,6 +304,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--channels-last", action="store_true", help="channels_last input and gradient")
     p.add_argument("--norms", nargs="*", default=None, help=f"subset of {an.list_norms()} (bn is always included)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    p.add_argument(
+        "--count-kernels",
+        action="store_true",
+        help="count kernel launches per layer instead of timing (aten ops + Triton launches; on the CPU the Triton "
+        "kernels run in Triton's interpreter)",
+    )
+    p.add_argument("--count-shape", type=int, default=0, choices=range(len(SHAPES)), help="shape index for counting")
     return p.parse_args(argv)
 
 
@@ -190,6 +318,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.count_kernels:
+        print(f"torch {torch.__version__}, device {args.device}")
+        print(run_count_kernels(args))
+        return
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"{_cpu_name()}, {os.cpu_count()} CPUs"
     layout = "channels_last" if args.channels_last else "NCHW"
     what = f"AN impls {' '.join(args.an_impls)}" if args.an_impls else f"impl {args.impl}"

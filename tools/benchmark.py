@@ -12,15 +12,17 @@ under ``torch.inference_mode()`` and autocast. After ``--warmup`` untimed steps 
 Data: by default (``--backend none``) one random batch is made once and stays on the device, so no
 data work is measured. ``--backend synthetic|torch|dali|dali_cpu`` feeds the steps from
 ``data.build_loaders`` instead and adds the loader-only images/s (batches pulled without compute) and
-the fraction of step time spent waiting for data.
+the fraction of step time spent waiting for data; several backends give one row per backend.
+``--compile auto`` compiles only the rows of the ``compile`` AN implementation (the one written for it).
 
 Peak memory is ``torch.cuda.max_memory_allocated`` (reset before each row) on the GPU; on the CPU it is
 the process's maximum resident set size so far (``ru_maxrss``, which never decreases across rows).
 The TFLOP/s column counts 2 FLOPs per MAC of ``models.count_macs`` (convolutions and linear layers)
-and a training step as 3 forward passes (ANCHORS 9). ``--ceilings`` first measures the machine's
-matrix-multiply TFLOP/s (bf16 on the GPU, fp32 on the CPU) and device copy bandwidth (bytes read +
-written). A failing row (bad option, missing kernel, out of memory) becomes an error row and the other
-rows still run; the exit status is 1 when any row failed (2 for an unknown model or norm).
+and a training step as 3 forward passes (the usual convention: the backward pass costs about twice the
+forward). ``--ceilings`` first measures the machine's matrix-multiply TFLOP/s (bf16 on the GPU, fp32 on the
+CPU) and device copy bandwidth (bytes read + written). A failing row (bad option, missing kernel, out of
+memory) becomes an error row and the other rows still run; the exit status is 1 when any row failed (2 for
+an unknown model or norm).
 ``--json`` is rewritten after every row, so a run cut short by a timeout keeps its finished rows.
 
 Usage::
@@ -30,6 +32,7 @@ Usage::
     python tools/benchmark.py --device cpu --models resnet18 --norms bn an --batch-size 4 --img-size 64 \\
         --precision fp32 bf16 --steps 2 --repeats 2 --model-kwargs base_width=8
     python tools/benchmark.py --rows resnet50:an:256 --backend dali --data-root /data/imagenet --workers 12
+    python tools/benchmark.py --show docs/perf/part1.json    # saved results as markdown
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ import torch
 import yaml
 from torch import nn
 
+import an
 import data
 import models
 from engine import checkpoint as ck
@@ -67,6 +71,8 @@ from engine.optim import Schedule, build_optimizer
 
 PRECISIONS: dict[str, torch.dtype | None] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 AN_NORMS = ("an", "an_gn")  # norms for which --an-impl means something
+# Row names that are a norm plus a model option (the paper's "SE" rows: BN with squeeze-excitation blocks).
+NORM_ALIASES: dict[str, tuple[str, dict[str, Any]]] = {"se": ("bn", {"attn_layer": "se"})}
 AN_IMPLS = ("auto", "reference", "fused", "compile")
 BACKENDS = ("none", *data.BACKENDS)
 MODES = ("train", "infer")
@@ -256,6 +262,7 @@ def benchmark_row(
     channels_last: bool = True,
     compile: bool = False,
     compile_mode: str = "default",
+    compile_backend: str = "inductor",
     mode: str = "train",
     warmup: int = 10,
     steps: int = 20,
@@ -278,7 +285,7 @@ def benchmark_row(
             the GPU, as in train.py).
         compile: wrap the model in ``torch.compile(mode=compile_mode)``.
         mode: ``train`` (a full trainer step) or ``infer`` (eval forward).
-        an_impl: AN implementation passed to the model as ``an_impl`` (None or ``auto``: the model's default).
+        an_impl: AN implementation passed to the model as ``norm_kwargs['impl']`` (None or ``auto``: the default).
         backend: ``none`` (one fixed device batch) or a ``data.build_loaders`` backend.
         data_root: dataset root for the folder backends.
         count_macs: add ``gmacs`` (``models.count_macs`` at ``img_size``) and the achieved TFLOP/s.
@@ -305,11 +312,15 @@ def benchmark_row(
     dtype = PRECISIONS[precision]
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     kwargs = dict(model_kwargs or {})
+    row_norm = norm
+    if norm in NORM_ALIASES:
+        norm, extra = NORM_ALIASES[norm]
+        kwargs.update(extra)
     if an_impl not in (None, "auto"):
-        kwargs["an_impl"] = an_impl
+        kwargs["norm_kwargs"] = {**kwargs.get("norm_kwargs", {}), "impl": an_impl}
     row: dict[str, Any] = {
         "model": model,
-        "norm": norm,
+        "norm": row_norm,
         "an_impl": an_impl or "auto",
         "batch_size": batch_size,
         "img_size": img_size,
@@ -341,7 +352,11 @@ def benchmark_row(
     if count_macs and hasattr(models, "count_macs"):
         row["gmacs"] = models.count_macs(net, img_size) / 1e9
     net.train(mode == "train")
-    forward_model = torch.compile(net, mode=compile_mode) if compile else net
+    if compile:  # torch.compile takes a mode (inductor's) or another backend
+        options = {"mode": compile_mode} if compile_backend == "inductor" else {"backend": compile_backend}
+        forward_model = torch.compile(net, **options)
+    else:
+        forward_model = net
 
     loaders = None
     batches: Iterator | None = None
@@ -591,6 +606,7 @@ class RowSpec:
     precision: str
     compile: bool
     mode: str
+    backend: str = "none"
 
 
 def parse_model_kwargs(items: list[str] | None) -> dict[str, Any]:
@@ -623,21 +639,27 @@ def parse_rows(args: argparse.Namespace) -> list[tuple[str, str, int]]:
 
 def expand(args: argparse.Namespace) -> list[RowSpec]:
     """Every row to measure, in table order."""
-    compiles = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
     modes = list(MODES) if args.mode == "both" else [args.mode]
     specs = []
     for model, norm, batch in parse_rows(args):
         impls = args.an_impl if norm in AN_NORMS else [None]
-        for impl, prec, comp, mode in itertools.product(impls, args.precision, compiles, modes):
-            specs.append(RowSpec(model, norm, batch, impl, prec, comp, mode))
+        for impl, prec, backend in itertools.product(impls, args.precision, args.backend):
+            if args.compile == "auto":
+                compiles = [impl == "compile"]
+            else:
+                compiles = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
+            for comp, mode in itertools.product(compiles, modes):
+                specs.append(RowSpec(model, norm, batch, impl, prec, comp, mode, backend))
     return specs
 
 
 def check_names(specs: list[RowSpec]) -> None:
-    """Raises the registries' ValueError for an unknown model or norm before anything is measured."""
+    """Raises ValueError for an unknown model or norm before anything is measured."""
+    norms = [*an.list_norms(), *NORM_ALIASES]
     for s in specs:
         models.model_entrypoint(s.model)
-        models._registry.check_norm_type(s.norm)
+        if s.norm not in norms:
+            raise ValueError(f"Unknown norm type '{s.norm}'. Valid: {', '.join(norms)}.")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -660,17 +682,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         nargs="?",
         const="on",
         default="off",
-        choices=("off", "on", "both"),
-        help="torch.compile the model; 'both' measures eager and compiled rows",
+        choices=("off", "on", "both", "auto"),
+        help="torch.compile the model; 'both' measures eager and compiled rows; 'auto' compiles only the rows of "
+        "the 'compile' AN implementation",
     )
     g.add_argument("--compile-mode", default="default", choices=("default", "max-autotune", "reduce-overhead"))
+    g.add_argument(
+        "--compile-backend",
+        default="inductor",
+        help="torch.compile backend (e.g. eager: dynamo without code generation)",
+    )
     g.add_argument("--mode", default="train", choices=("train", "infer", "both"))
     g.add_argument(
         "--an-impl",
         nargs="+",
         default=["auto"],
         choices=AN_IMPLS,
-        help="AN implementation(s) passed to the model as an_impl (AN rows only)",
+        help="AN implementation(s) passed to the model as norm_kwargs impl (AN rows only)",
     )
     g.add_argument(
         "--model-kwargs",
@@ -692,9 +720,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     d = p.add_argument_group("data")
     d.add_argument(
         "--backend",
-        default="none",
+        nargs="+",
+        default=["none"],
         choices=BACKENDS,
-        help="none: one fixed random batch on the device; else steps are fed by data.build_loaders",
+        help="none: one fixed random batch on the device; else steps are fed by data.build_loaders (several: a row "
+        "per backend)",
     )
     d.add_argument("--data-root", default=None, help="dataset root (ImageNet layout) for torch/dali/dali_cpu")
     d.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="loader workers / DALI threads")
@@ -702,8 +732,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     o.add_argument("--json", type=Path, default=None, help="write everything here (rewritten after each row)")
     o.add_argument("--markdown", type=Path, default=None, help="also write the table (and ceilings) here")
     args = p.parse_args(argv)
-    if args.backend not in ("none", "synthetic") and not args.data_root:
-        p.error(f"--backend {args.backend} needs --data-root")
+    folder = [b for b in args.backend if b not in ("none", "synthetic")]
+    if folder and not args.data_root:
+        p.error(f"--backend {' '.join(folder)} needs --data-root")
     return args
 
 
@@ -718,11 +749,33 @@ def _write_json(path: Path | None, payload: dict[str, Any]) -> None:
 
 def _label(s: RowSpec) -> str:
     impl = f"({s.an_impl})" if s.an_impl else ""
-    return f"{s.model} {s.norm}{impl} b{s.batch_size} {s.precision} {s.mode}{' compiled' if s.compile else ''}"
+    data_src = "" if s.backend == "none" else f" {s.backend}"
+    return (
+        f"{s.model} {s.norm}{impl} b{s.batch_size} {s.precision} {s.mode}{' compiled' if s.compile else ''}{data_src}"
+    )
+
+
+def show(paths: list[str]) -> str:
+    """Markdown of saved results (``--json`` files): command, environment, ceilings and table of each."""
+    out = []
+    for path in paths:
+        res = json.loads(Path(path).read_text())
+        env = res["environment"]
+        out += [f"`{env['command']}`", ""]
+        dali = f", DALI {env['dali']}" if env.get("dali") else ""
+        software = f"torch {env['torch']}, CUDA {env['cuda']}, cuDNN {env['cudnn']}{dali}"
+        out += [f"{env['device_name']}; {software}; git {env['git_revision']}; {env['time']}", ""]
+        if res.get("ceilings"):
+            out += [format_ceilings(res["ceilings"], env), ""]
+        out += [format_table(res["rows"]) if res["rows"] else "(no rows)", ""]
+    return "\n".join(out)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--show"]:
+        print(show(argv[1:]))
+        return 0
     args = parse_args(argv)
     try:
         specs = expand(args)
@@ -756,6 +809,7 @@ def main(argv: list[str] | None = None) -> int:
                 channels_last=args.channels_last,
                 compile=s.compile,
                 compile_mode=args.compile_mode,
+                compile_backend=args.compile_backend,
                 mode=s.mode,
                 warmup=args.warmup,
                 steps=args.steps,
@@ -763,7 +817,7 @@ def main(argv: list[str] | None = None) -> int:
                 device=device,
                 an_impl=s.an_impl,
                 model_kwargs=model_kwargs,
-                backend=args.backend,
+                backend=s.backend,
                 data_root=args.data_root,
                 workers=args.workers,
                 num_classes=args.num_classes,
@@ -783,7 +837,7 @@ def main(argv: list[str] | None = None) -> int:
                 "compile": s.compile,
                 "compile_mode": args.compile_mode if s.compile else None,
                 "mode": s.mode,
-                "backend": args.backend,
+                "backend": s.backend,
                 "device": str(device),
                 "error": f"{type(e).__name__}: {e}",
             }
