@@ -31,6 +31,7 @@ import data
 import models
 from engine import checkpoint as ck
 from engine import distributed as du
+from engine.accel import check_accel
 from engine.build import (
     build_loaders,
     build_model,
@@ -87,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         source = str(args.config)
         check_recipe(cfg, source)
+        check_accel(cfg, args.device or ("cuda" if torch.cuda.is_available() else "cpu"), source)
         cfg.data.root = expand_path(cfg.data.root)
     except ConfigError as e:
         print(f"Config error: {e}", file=sys.stderr)

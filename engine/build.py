@@ -23,6 +23,7 @@ import an
 import data
 import models
 from engine import distributed as du
+from engine.accel import compile_models
 from engine.checkpoint import seed_everything
 from engine.config import Config, ConfigError
 from engine.init_weights import load_init_weights
@@ -142,9 +143,7 @@ def wrap_model(cfg: Config, dist_info: du.DistInfo, model: nn.Module) -> tuple[n
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
     eval_model: nn.Module = model
-    if cfg.train.compile:
-        forward_model = torch.compile(forward_model)
-        eval_model = torch.compile(model)
+    forward_model, eval_model = compile_models(model, forward_model, cfg, dist_info.device)
     return forward_model, eval_model
 
 

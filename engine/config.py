@@ -131,7 +131,8 @@ class TrainConfig:
     ema_decay: float = 0.9999
     eval_every: int = 1  # validate every N epochs (the last epoch always validates)
     save_every: int = 0  # keep a copy of the checkpoint every N epochs (0 = only last/best)
-    save_minutes: float = 30.0  # also refresh last.pth every N minutes inside an epoch (0 = off)
+    save_minutes: float = 30.0  # also refresh last.pth every N minutes inside an epoch, at the next preemption
+    # check (every dist.signal_check_every updates; 0 = off)
     steps_per_epoch: int | None = None  # cap on training steps per epoch (quick runs, tests)
     val_steps: int | None = None  # cap on validation batches (quick runs; counts then cover fewer images)
     auto_resume: bool = True  # resume from output_dir/last.pth when it exists
@@ -213,6 +214,7 @@ _CHECKS: dict[tuple[str, str], tuple[Any, str]] = {
     ("data", "synthetic_val_size"): (lambda v: v >= 1, "an integer >= 1"),
     ("data", "dali_hw_decoder_load"): _PROBABILITY,
     ("data", "dali_prefetch"): (lambda v: v >= 1, "an integer >= 1"),
+    ("data", "dali_preallocate_mib"): (lambda v: v >= 0, "an integer >= 0 (MiB)"),
     ("data", "synthetic_bank_size"): (lambda v: v >= 1, "an integer >= 1"),
     ("data", "loader_timeout"): _NON_NEGATIVE,
     ("data", "dali_preallocate_width"): (lambda v: v >= 0, "an integer >= 0"),
