@@ -207,24 +207,6 @@ def epoch_batches(train_loader, epoch: int, start_step: int = 0):
             close()
 
 
-def train_one_epoch(
-    ctx: TrainContext, train_loader, epoch: int, steps_per_epoch: int, start_step: int = 0, *, log_interval: int = 50
-) -> dict[str, float]:
-    """Trains the batches ``start_step .. steps_per_epoch - 1`` of ``epoch`` and returns :func:`epoch_metrics`.
-
-    The same :func:`train_step` as ``train.py``, without logging, checkpoints or preemption checks (for
-    benchmarks); finiteness is checked every ``log_interval`` steps and at the end.
-    """
-    begin_epoch(ctx, start_step)
-    with epoch_batches(train_loader, epoch, start_step) as batches:
-        for step, (images, target) in enumerate(batches, start=start_step):
-            train_step(ctx, images, target, step)
-            if (step + 1) % log_interval == 0 and step + 1 < steps_per_epoch:
-                check_finite(ctx, epoch, step + 1)
-    check_finite(ctx, epoch, steps_per_epoch)
-    return epoch_metrics(ctx)
-
-
 @torch.no_grad()
 def evaluate(
     model: nn.Module,

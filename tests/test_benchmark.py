@@ -98,22 +98,22 @@ def test_fixed_batch_is_made_once_and_reused(monkeypatch):
 
 
 def test_train_step_is_the_trainers(monkeypatch):
-    """The timed training step goes through engine.loop.train_one_epoch with the trainer's optimizer."""
+    """The timed training step is engine.loop.train_step with the trainer's optimizer."""
     calls, optimizers = [], []
-    real_loop, real_build = benchmark.train_one_epoch, benchmark.build_optimizer
+    real_step, real_build = benchmark.train_step, benchmark.build_optimizer
 
-    def spy_loop(ctx, loader, epoch, steps, **kwargs):
-        calls.append(steps)
-        return real_loop(ctx, loader, epoch, steps, **kwargs)
+    def spy_step(ctx, images, target, step):
+        calls.append(step)
+        return real_step(ctx, images, target, step)
 
     def spy_build(model, cfg, lr):
         optimizers.append(real_build(model, cfg, lr))
         return optimizers[-1]
 
-    monkeypatch.setattr(benchmark, "train_one_epoch", spy_loop)
+    monkeypatch.setattr(benchmark, "train_step", spy_step)
     monkeypatch.setattr(benchmark, "build_optimizer", spy_build)
     benchmark.benchmark_row("resnet18", "bn", model_kwargs=TINY, count_macs=False, **FAST)
-    assert calls == [1, 2, 2]  # warm-up, then each repeat
+    assert calls == [0, 0, 1, 0, 1]  # warm-up, then each repeat of 2 steps
     (opt,) = optimizers
     assert isinstance(opt, torch.optim.SGD)
     assert opt.defaults["momentum"] == 0.9 and opt.defaults["weight_decay"] == 1e-4

@@ -2,7 +2,7 @@
 """Training and inference throughput (images/s) of any (model, norm), one table per invocation.
 
 Each row builds the model, optimizer and AMP set-up the way ``train.py`` does and times whole steps:
-the training step is ``engine.loop.train_one_epoch`` itself (autocast forward, float32 cross-entropy,
+the training step is ``engine.loop.train_step`` itself (autocast forward, float32 cross-entropy,
 GradScaler for fp16, SGD with momentum 0.9 and weight decay from ``engine.optim.build_optimizer``,
 ``zero_grad(set_to_none=True)``), so the figure is the trainer's speed. Inference is ``model.eval()``
 under ``torch.inference_mode()`` and autocast. After ``--warmup`` untimed steps (compilation included),
@@ -66,7 +66,15 @@ import data
 import models
 from engine import checkpoint as ck
 from engine.config import Config
-from engine.loop import NonFiniteLossError, TrainContext, autocast, train_one_epoch
+from engine.loop import (
+    NonFiniteLossError,
+    TrainContext,
+    autocast,
+    begin_epoch,
+    check_finite,
+    epoch_batches,
+    train_step,
+)
 from engine.optim import Schedule, build_optimizer
 
 PRECISIONS: dict[str, torch.dtype | None] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
@@ -140,7 +148,7 @@ def endless_batches(train_loader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]
 
 
 class StepSource:
-    """A train loader for ``train_one_epoch`` whose every "epoch" is the next ``steps`` batches of ``batches``."""
+    """A train loader whose every "epoch" is the next ``steps`` batches of ``batches``."""
 
     def __init__(self, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]):
         self.batches = batches
@@ -209,7 +217,7 @@ def _train_runner(
     batch_size: int,
     stats: dict,
 ) -> Callable[[int], None]:
-    """A function running ``n`` training steps exactly as train.py does (train_one_epoch)."""
+    """A function running ``n`` training steps exactly as train.py does (``engine.loop.train_step``)."""
     optimizer = build_optimizer(model, Config(), LR)  # SGD, momentum 0.9, weight decay 1e-4, the trainer's groups
     ctx = TrainContext(
         model=model,
@@ -226,8 +234,12 @@ def _train_runner(
 
     def run(n: int) -> None:
         source.steps_per_epoch = n
+        begin_epoch(ctx, 0)
+        with epoch_batches(source, 0) as epoch:
+            for step, (images, target) in enumerate(epoch):
+                train_step(ctx, images, target, step)
         try:
-            train_one_epoch(ctx, source, 0, n, log_interval=n)
+            check_finite(ctx, 0, n)
         except NonFiniteLossError:  # the speed is still measured; flag it and go on
             stats["nonfinite_loss"] = True
             ctx.nonfinite = None
