@@ -1,4 +1,4 @@
-"""Our backbones inside torchvision's detection models, and ``torch.export`` of every model.
+"""Our backbones inside torchvision's detection models and feature extractors, and ``torch.export`` of every model.
 
 torchvision's ``IntermediateLayerGetter`` (behind ``BackboneWithFPN``) runs a model's children in registration
 order, so a ResNet whose children are registered in another order than they run gives silently wrong features;
@@ -100,6 +100,22 @@ def test_faster_rcnn_trains_one_step_and_detects():
         assert torch.isfinite(o["boxes"]).all()
         if len(o["boxes"]):  # boxes are in the input image's coordinates
             assert (o["boxes"][:, 2] <= img.shape[2] + 1e-3).all() and (o["boxes"][:, 3] <= img.shape[1] + 1e-3).all()
+
+
+@pytest.mark.parametrize("name", ["resnet50", "mobilenetv2", "densenet121", "aognet12m"])
+def test_fx_feature_extractor_takes_feature_info_names(name):
+    """torchvision's create_feature_extractor (torch.fx) returns forward_intermediates' features for the
+    ``feature_info`` module names (norms whose layers torch.fx can trace: BN here)."""
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    torch.manual_seed(0)
+    model = models.create_model(name, "bn", **small(name, drop_rate=0.0))
+    extractor = create_feature_extractor(model, return_nodes=[f["module"] for f in model.feature_info])
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        got = list(extractor(x).values())
+        expected = model.forward_intermediates(x, intermediates_only=True)
+    torch.testing.assert_close(got, expected)
 
 
 def _export_check(model: nn.Module) -> None:
