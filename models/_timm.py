@@ -106,9 +106,8 @@ def _entrypoint(model: str, norm: str, full: str) -> Callable[..., nn.Module]:
             kwargs.pop(key, None)
         kwargs.setdefault("norm", norm)
         cfg, overlay = kwargs.pop("pretrained_cfg", None), dict(kwargs.pop("pretrained_cfg_overlay", None) or {})
-        if pretrained and not any(
-            src.get(k) for src in (overlay, cfg if isinstance(cfg, dict) else {}) for k in _SOURCES
-        ):
+        given = cfg.to_dict() if hasattr(cfg, "to_dict") else cfg if isinstance(cfg, dict) else {}
+        if pretrained and not any(src.get(k) for src in (overlay, given) for k in _SOURCES):
             raise ValueError(
                 f"{full}: no pretrained weights are published. To load your own, pass their file: "
                 f"timm.create_model('{full}', pretrained=True, pretrained_cfg_overlay=dict(file='best.pth'))"
