@@ -14,15 +14,20 @@ defaults are the only defaults. Every model takes ``norm`` (a name from ``an.lis
 ``attn_kwargs``, and ``in_chans``; ResNets add ``norm_placement``, ``deep_stem``, ``avg_down``, ``base_width``,
 ``drop_rate``, ``zero_init_last``; MobileNetV2 ``width_mult``, ``drop_rate``, ``zero_init_last``; DenseNets
 ``growth_rate``, ``bn_size``, ``num_init_features``, ``drop_rate``; AOGNets ``filter_list``, ``blocks``,
-``drop_rate``, ``child_order``, ``zero_init_last``.
+``drop_rate``, ``child_order``, ``zero_init_last``. All take ``global_pool`` and, except DenseNet (no residual
+branch), ``drop_path_rate`` (stochastic depth).
 
-The same models are registered with timm as ``anorm_<name>`` (``timm.create_model('anorm_resnet50',
-norm='an')``). Where each norm goes, parameter counts and MACs: ``docs/MODELS.md``.
+Every model has timm's model interface (``models/_backbone.py``): ``feature_info``, ``forward_features``,
+``forward_head(x, pre_logits=...)``, ``forward_intermediates``, ``get_classifier``, ``reset_classifier``,
+``num_classes``, ``num_features``, ``head_hidden_size``, ``set_grad_checkpointing``. Each (model, norm) pair is
+registered with timm as ``anorm_<model>_<norm>`` (``timm.create_model('anorm_resnet50_an',
+features_only=True)``), with a full ``pretrained_cfg``. Where each norm goes, parameter counts, MACs and the
+feature taps: ``docs/MODELS.md``.
 """
 
 from . import aognet, densenet, mobilenetv2, resnet
 from ._registry import create_model, is_model, list_models, model_entrypoint, model_options, register_model
-from ._timm import TIMM_PREFIX, register_timm_models
+from ._timm import TIMM_PREFIX, register_timm_models, timm_name
 from .stats import count_macs, count_params
 
 __all__ = [
@@ -40,6 +45,7 @@ __all__ = [
     "register_model",
     "register_timm_models",
     "resnet",
+    "timm_name",
 ]
 
 register_timm_models()

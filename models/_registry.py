@@ -17,7 +17,15 @@ from torch import nn
 
 from an.checks import did_you_mean
 
-__all__ = ["create_model", "is_model", "list_models", "model_entrypoint", "model_options", "register_model"]
+__all__ = [
+    "create_model",
+    "is_model",
+    "list_models",
+    "model_class",
+    "model_entrypoint",
+    "model_options",
+    "register_model",
+]
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
 _OPTIONS_FROM: dict[str, Callable[..., Any]] = {}
@@ -64,6 +72,13 @@ def model_entrypoint(name: str) -> Callable[..., nn.Module]:
         names = list_models()
         raise ValueError(f"Unknown model '{name}'.{did_you_mean(name, names)} Valid models: {', '.join(names)}.")
     return _MODELS[name]
+
+
+def model_class(name: str) -> Callable[..., Any]:
+    """The callable whose keyword-only parameters are the options of ``name``: its class (``ResNet``, ...) for
+    the built-in models, the builder itself for a model registered without ``options=``."""
+    model_entrypoint(name)
+    return _OPTIONS_FROM[name]
 
 
 def model_options(name: str) -> dict[str, tuple[Any, Any]]:

@@ -21,11 +21,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from an.checks import check_int, check_rate
 
+from ._backbone import Backbone
 from ._layers import classifier, conv2d
 from ._norms import NormFn, make_norm_layers
 from ._registry import register_model
@@ -94,8 +94,13 @@ class Transition(nn.Sequential):
         self.pool = nn.AvgPool2d(kernel_size=2, stride=2)
 
 
-class DenseNet(nn.Module):
+class DenseNet(Backbone):
     """DenseNet-BC backbone with a classifier.
+
+    ``features`` ends with ``norm5`` and ``relu5`` (torchvision applies that ReLU functionally; as a module it
+    has no parameters, so the state_dict is torchvision's). Feature taps (``feature_info``): ``features.relu0``
+    (stride 2), ``features.denseblock1``..``3`` (strides 4-16, before each transition) and ``features.relu5``
+    (stride 32).
 
     Args:
         block_config: Dense layers per block (4 blocks).
@@ -110,7 +115,12 @@ class DenseNet(nn.Module):
         num_init_features: Stem width.
         in_chans: Input channels.
         drop_rate: Dropout before the classifier.
+        global_pool: ``'avg'``, ``'max'``, ``'avgmax'``, ``'catavgmax'`` or ``''`` (none; ``num_classes=0``).
     """
+
+    first_conv = "features.conv0"
+    classifier_name = "classifier"
+    flatten_sequential = True  # the taps are children of `features` (timm FeatureListNet option)
 
     def __init__(
         self,
@@ -127,6 +137,7 @@ class DenseNet(nn.Module):
         num_init_features: int = 64,
         in_chans: int = 3,
         drop_rate: float = 0.0,
+        global_pool: str = "avg",
     ) -> None:
         super().__init__()
         owner = "DenseNet"
@@ -146,31 +157,28 @@ class DenseNet(nn.Module):
         self.features.add_module("relu0", nn.ReLU(inplace=True))
         self.features.add_module("pool0", nn.MaxPool2d(kernel_size=3, stride=2, padding=1))
         c = num_init_features
+        taps = [dict(num_chs=c, reduction=2, module="features.relu0")]
         for i, (n, norm2) in enumerate(zip(block_config, norm_layers.stages)):
             self.features.add_module(
                 f"denseblock{i + 1}", DenseBlock(n, c, growth_rate, bn_size, norm, norm2, norm_layers.attn)
             )
             c += n * growth_rate
             if i < len(block_config) - 1:
+                taps.append(dict(num_chs=c, reduction=2 ** (i + 2), module=f"features.denseblock{i + 1}"))
                 self.features.add_module(f"transition{i + 1}", Transition(c, c // 2, norm))
                 c //= 2
         self.features.add_module("norm5", norm(c))
-        self.num_features = c
-        self.drop = nn.Dropout(drop_rate) if drop_rate > 0 else nn.Identity()
-        self.classifier = classifier(c, num_classes)
-        if isinstance(self.classifier, nn.Linear):
-            nn.init.zeros_(self.classifier.bias)
+        self.features.add_module("relu5", nn.ReLU(inplace=True))
+        taps.append(dict(num_chs=c, reduction=2 ** (len(block_config) + 1), module="features.relu5"))
+        self._init_head(owner, c, num_classes, global_pool, drop_rate)
+        self.classifier = self._new_classifier(num_classes)
+        self._init_features(["features"], taps, checkpointed=["features"])
 
-    def forward_features(self, x: Tensor) -> Tensor:
-        """The final feature map (after the last norm and ReLU)."""
-        return F.relu(self.features(x))
-
-    def forward_head(self, x: Tensor) -> Tensor:
-        """Pool, dropout, classifier."""
-        return self.classifier(self.drop(F.adaptive_avg_pool2d(x, 1).flatten(1)))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_head(self.forward_features(x))
+    def _new_classifier(self, num_classes: int) -> nn.Module:
+        fc = classifier(self.head_hidden_size, num_classes)
+        if isinstance(fc, nn.Linear):
+            nn.init.zeros_(fc.bias)
+        return fc
 
 
 @register_model(options=DenseNet)

@@ -24,7 +24,8 @@ from torch import Tensor, nn
 import an
 from an.checks import check_flag, check_int, check_number, check_rate
 
-from ._layers import classifier, conv2d
+from ._backbone import Backbone
+from ._layers import classifier, conv2d, drop_path_rates, make_drop_path
 from ._norms import NormFn, make_norm_layers
 from ._registry import register_model
 
@@ -56,6 +57,7 @@ class InvertedResidual(nn.Module):
         norm: Constructor for the plain norms.
         dw_norm: Constructor for the depthwise norm (the AN placement).
         se: Attention-layer constructor or None.
+        drop_path: Stochastic-depth rate of the residual branch (blocks with an identity shortcut only).
     """
 
     def __init__(
@@ -67,6 +69,7 @@ class InvertedResidual(nn.Module):
         norm: NormFn,
         dw_norm: NormFn,
         se: NormFn | None = None,
+        drop_path: float = 0.0,
     ) -> None:
         super().__init__()
         hidden = round(cin * expand_ratio)
@@ -79,17 +82,24 @@ class InvertedResidual(nn.Module):
             layers.append(se(hidden))
         layers += [conv2d(hidden, cout, 1), norm(cout)]
         self.conv = nn.Sequential(*layers)
+        self.drop_path = make_drop_path(drop_path) if self.use_res_connect else None
 
     def zero_init_last(self) -> None:
         """Zero-inits the projection norm (only meaningful with an identity shortcut)."""
         an.zero_init_(self.conv[-1])
 
     def forward(self, x: Tensor) -> Tensor:
-        return x + self.conv(x) if self.use_res_connect else self.conv(x)
+        if not self.use_res_connect:
+            return self.conv(x)
+        out = self.conv(x)
+        return x + (out if self.drop_path is None else self.drop_path(out))
 
 
-class MobileNetV2(nn.Module):
+class MobileNetV2(Backbone):
     """MobileNetV2 backbone with a classifier.
+
+    Feature taps (``feature_info``): the last block before each stride-2 row (``features.1``, ``.3``, ``.6``,
+    ``.13`` at strides 2-16) and the last 1x1 conv (``features.18``, ``num_features`` channels, stride 32).
 
     Args:
         norm: Norm name (``an.list_norms()``); a placed norm such as AN goes at every depthwise norm.
@@ -101,8 +111,15 @@ class MobileNetV2(nn.Module):
         width_mult: Width multiplier (channels rounded to multiples of 8; the last conv keeps 1280 below 1.0).
         in_chans: Input channels.
         drop_rate: Dropout before the classifier.
+        drop_path_rate: Stochastic depth on the blocks with an identity shortcut: block i of the n blocks is
+            dropped per sample with probability ``drop_path_rate * i / (n - 1)`` during training.
+        global_pool: ``'avg'``, ``'max'``, ``'avgmax'``, ``'catavgmax'`` or ``''`` (none; ``num_classes=0``).
         zero_init_last: Zero-init the projection norm of blocks with an identity shortcut.
     """
+
+    first_conv = "features.0.0"
+    classifier_name = "classifier.1"  # torchvision's layout: classifier = (Dropout, Linear)
+    flatten_sequential = True  # the taps are children of `features` (timm FeatureListNet option)
 
     def __init__(
         self,
@@ -116,6 +133,8 @@ class MobileNetV2(nn.Module):
         width_mult: float = 1.0,
         in_chans: int = 3,
         drop_rate: float = 0.2,
+        drop_path_rate: float = 0.0,
+        global_pool: str = "avg",
         zero_init_last: bool = False,
     ) -> None:
         super().__init__()
@@ -130,38 +149,43 @@ class MobileNetV2(nn.Module):
         width_mult = check_number(owner, "width_mult", width_mult, 0.0, low_open=True)
         drop_rate = check_rate(owner, "drop_rate", drop_rate)
         cin = make_divisible(32 * width_mult)
-        self.num_features = make_divisible(1280 * max(1.0, width_mult))
+        num_features = make_divisible(1280 * max(1.0, width_mult))
+        dpr = iter(drop_path_rates(owner, drop_path_rate, sum(n for _, _, n, _ in SETTINGS)))
         features: list[nn.Module] = [conv_norm_act(check_int(owner, "in_chans", in_chans), cin, 3, 2, norm_layers.norm)]
+        taps, reduction = [], 2
         for (t, c, n, s), dw_norm in zip(SETTINGS, norm_layers.stages):
+            if s > 1:  # the previous block ends a resolution stage
+                taps.append(dict(num_chs=cin, reduction=reduction, module=f"features.{len(features) - 1}"))
+                reduction *= s
             cout = make_divisible(c * width_mult)
             for i in range(n):
+                stride = s if i == 0 else 1
                 features.append(
-                    InvertedResidual(cin, cout, s if i == 0 else 1, t, norm_layers.norm, dw_norm, norm_layers.attn)
+                    InvertedResidual(cin, cout, stride, t, norm_layers.norm, dw_norm, norm_layers.attn, next(dpr))
                 )
                 cin = cout
-        features.append(conv_norm_act(cin, self.num_features, 1, 1, norm_layers.norm))
+        features.append(conv_norm_act(cin, num_features, 1, 1, norm_layers.norm))
+        taps.append(dict(num_chs=num_features, reduction=reduction, module=f"features.{len(features) - 1}"))
         self.features = nn.Sequential(*features)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.classifier = nn.Sequential(nn.Dropout(drop_rate), classifier(self.num_features, num_classes))
-        fc = self.classifier[1]
-        if isinstance(fc, nn.Linear):
-            nn.init.normal_(fc.weight, 0.0, 0.01)
-            nn.init.zeros_(fc.bias)
+        self._init_head(owner, num_features, num_classes, global_pool, drop_rate)
+        self.classifier = nn.Sequential(nn.Dropout(drop_rate), self._new_classifier(num_classes))
+        self._init_features(["features"], taps, checkpointed=["features"])
         if check_flag(owner, "zero_init_last", zero_init_last):
             for m in self.modules():
                 if isinstance(m, InvertedResidual) and m.use_res_connect:
                     m.zero_init_last()
 
-    def forward_features(self, x: Tensor) -> Tensor:
-        """The feature map after the last 1x1 conv."""
-        return self.features(x)
+    def _new_classifier(self, num_classes: int) -> nn.Module:
+        fc = classifier(self.head_hidden_size, num_classes)
+        if isinstance(fc, nn.Linear):  # the usual MobileNetV2 init
+            nn.init.normal_(fc.weight, 0.0, 0.01)
+            nn.init.zeros_(fc.bias)
+        return fc
 
-    def forward_head(self, x: Tensor) -> Tensor:
-        """Pool, dropout, classifier."""
-        return self.classifier(self.pool(x).flatten(1))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_head(self.forward_features(x))
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """Global pool, dropout (``classifier.0``), then the classifier (skipped with ``pre_logits=True``)."""
+        x = self.classifier[0](self.global_pool(x))
+        return x if pre_logits else self.classifier[1](x)
 
 
 @register_model(options=MobileNetV2)

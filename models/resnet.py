@@ -22,13 +22,13 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 import an
 from an.checks import check_choice, check_flag, check_int, check_rate
 
-from ._layers import classifier, conv2d
+from ._backbone import Backbone
+from ._layers import conv2d, drop_path_rates, make_drop_path
 from ._norms import NormFn, NormLayers, make_norm_layers
 from ._registry import register_model
 
@@ -45,6 +45,7 @@ class BasicBlock(nn.Module):
         norms: Constructors for the positions ``bn1`` and ``bn2``.
         se: Attention-layer constructor or None (the attribute keeps timm's name ``se``).
         downsample: Projection shortcut or None (identity).
+        drop_path: Stochastic-depth rate of the residual branch.
     """
 
     expansion = 1
@@ -59,6 +60,7 @@ class BasicBlock(nn.Module):
         norms: Mapping[str, NormFn],
         se: NormFn | None = None,
         downsample: nn.Module | None = None,
+        drop_path: float = 0.0,
     ) -> None:
         super().__init__()
         self.conv1 = conv2d(inplanes, planes, 3, stride)
@@ -68,6 +70,7 @@ class BasicBlock(nn.Module):
         self.bn2 = norms["bn2"](planes)
         self.se = se(planes) if se is not None else None
         self.downsample = downsample
+        self.drop_path = make_drop_path(drop_path)
 
     def zero_init_last(self) -> None:
         """Zero-inits the last norm so the block starts as the identity (its shortcut)."""
@@ -79,6 +82,8 @@ class BasicBlock(nn.Module):
         out = self.bn2(self.conv2(out))
         if self.se is not None:
             out = self.se(out)
+        if self.drop_path is not None:
+            out = self.drop_path(out)
         return self.relu(out + shortcut)
 
 
@@ -92,6 +97,7 @@ class Bottleneck(nn.Module):
         norms: Constructors for the positions ``bn1``, ``bn2``, ``bn3``.
         se: Attention-layer constructor or None (the attribute keeps timm's name ``se``).
         downsample: Projection shortcut or None (identity).
+        drop_path: Stochastic-depth rate of the residual branch.
     """
 
     expansion = 4
@@ -106,6 +112,7 @@ class Bottleneck(nn.Module):
         norms: Mapping[str, NormFn],
         se: NormFn | None = None,
         downsample: nn.Module | None = None,
+        drop_path: float = 0.0,
     ) -> None:
         super().__init__()
         width = planes
@@ -118,6 +125,7 @@ class Bottleneck(nn.Module):
         self.se = se(planes * self.expansion) if se is not None else None
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
+        self.drop_path = make_drop_path(drop_path)
 
     def zero_init_last(self) -> None:
         """Zero-inits the last norm so the block starts as the identity (its shortcut)."""
@@ -130,11 +138,18 @@ class Bottleneck(nn.Module):
         out = self.bn3(self.conv3(out))
         if self.se is not None:
             out = self.se(out)
+        if self.drop_path is not None:
+            out = self.drop_path(out)
         return self.relu(out + shortcut)
 
 
-class ResNet(nn.Module):
+class ResNet(Backbone):
     """ResNet v1.5 backbone with a classifier.
+
+    Children are registered in the order they run, as torchvision's ResNet (``conv1, bn1, relu, maxpool,
+    layer1..4, avgpool, fc``), so torchvision's ``IntermediateLayerGetter``/``BackboneWithFPN`` and timm's
+    ``FeatureListNet`` see the real computation. Feature taps (``feature_info``): ``relu`` (stride 2),
+    ``layer1``..``layer4`` (strides 4-32).
 
     Args:
         block: :class:`BasicBlock` or :class:`Bottleneck`.
@@ -154,8 +169,14 @@ class ResNet(nn.Module):
             instead of the 7x7/2 conv and 3x3/2 max-pool.
         avg_down: Projection shortcuts as 2x2/2 average pool + 1x1 conv (stride 1) instead of a strided 1x1.
         drop_rate: Dropout before the classifier.
+        drop_path_rate: Stochastic depth: the residual branch of block i of n is dropped per sample with
+            probability ``drop_path_rate * i / (n - 1)`` during training (timm's rule).
+        global_pool: Global pooling before the classifier: ``'avg'``, ``'max'``, ``'avgmax'``, ``'catavgmax'``
+            (twice the features) or ``''`` (none; only with ``num_classes=0``).
         zero_init_last: Zero-init the last norm of every block (the official configs do).
     """
+
+    pool_name = "avgpool"  # torchvision's name
 
     def __init__(
         self,
@@ -174,6 +195,8 @@ class ResNet(nn.Module):
         deep_stem: bool = False,
         avg_down: bool = False,
         drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        global_pool: str = "avg",
         zero_init_last: bool = True,
     ) -> None:
         super().__init__()
@@ -188,37 +211,49 @@ class ResNet(nn.Module):
         in_chans = check_int(owner, "in_chans", in_chans)
         base_width = check_int(owner, "base_width", base_width, 2)
         drop_rate = check_rate(owner, "drop_rate", drop_rate)
+        dpr = drop_path_rates(owner, drop_path_rate, sum(layers))
         every = norm_layers.placed and placement == "all"
         stem_norm = norm_layers.stages[0] if every else norm_layers.norm
 
-        if check_flag(owner, "deep_stem", deep_stem):
+        deep_stem = check_flag(owner, "deep_stem", deep_stem)
+        if deep_stem:
             half = base_width // 2
             self.conv1 = nn.Sequential(
                 conv2d(in_chans, half, 3, 2), stem_norm(half), nn.ReLU(inplace=True),
                 conv2d(half, half, 3), stem_norm(half), nn.ReLU(inplace=True),
                 conv2d(half, base_width, 3),
             )  # fmt: skip
-            self.maxpool = nn.MaxPool2d(kernel_size=2, stride=2)
         else:
             self.conv1 = conv2d(in_chans, base_width, 7, 2)
-            self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         self.bn1 = stem_norm(base_width)
         self.relu = nn.ReLU(inplace=True)
+        if deep_stem:
+            self.maxpool = nn.MaxPool2d(kernel_size=2, stride=2)
+        else:
+            self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
 
         inplanes = base_width
         avg_down = check_flag(owner, "avg_down", avg_down)
+        taps = [dict(num_chs=base_width, reduction=2, module="relu")]
+        trunk = ["conv1", "bn1", "relu", "maxpool"]
         for i, (n, stride) in enumerate(zip(layers, (1, 2, 2, 2))):
             planes = base_width * 2**i
-            stage, inplanes = self._make_stage(block, norm_layers, inplanes, planes, n, stride, i, avg_down)
+            rates = dpr[sum(layers[:i]) : sum(layers[: i + 1])]
+            stage, inplanes = self._make_stage(block, norm_layers, inplanes, planes, n, stride, i, avg_down, rates)
             self.add_module(f"layer{i + 1}", stage)
-        self.num_features = inplanes
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.drop = nn.Dropout(drop_rate) if drop_rate > 0 else nn.Identity()
-        self.fc = classifier(inplanes, num_classes)
+            taps.append(dict(num_chs=inplanes, reduction=2 ** (i + 2), module=f"layer{i + 1}"))
+            trunk.append(f"layer{i + 1}")
+        self._init_head(owner, inplanes, num_classes, global_pool, drop_rate)
+        self.fc = self._new_classifier(num_classes)
+        self._init_features(trunk, taps, checkpointed=trunk[4:])
         if check_flag(owner, "zero_init_last", zero_init_last):
             for m in self.modules():
                 if isinstance(m, (BasicBlock, Bottleneck)):
                     m.zero_init_last()
+
+    @classmethod
+    def first_conv_for(cls, **options: Any) -> str:
+        return "conv1.0" if options.get("deep_stem") else "conv1"
 
     def _make_stage(
         self,
@@ -230,6 +265,7 @@ class ResNet(nn.Module):
         stride: int,
         stage: int,
         avg_down: bool,
+        drop_paths: Sequence[float],
     ) -> tuple[nn.Sequential, int]:
         outplanes = planes * block.expansion
         placement = self.norm_placement if norms.placed else None
@@ -243,21 +279,9 @@ class ResNet(nn.Module):
             else:
                 downsample = nn.Sequential(conv2d(inplanes, outplanes, 1, stride), norm(outplanes))
         at = {p: norms.stages[stage] if placement in ("all", p) else norms.norm for p in block.positions}
-        mods = [block(inplanes, planes, stride, at, norms.attn, downsample)]
-        mods += [block(outplanes, planes, 1, at, norms.attn) for _ in range(1, blocks)]
+        mods = [block(inplanes, planes, stride, at, norms.attn, downsample, drop_paths[0])]
+        mods += [block(outplanes, planes, 1, at, norms.attn, drop_path=drop_paths[j]) for j in range(1, blocks)]
         return nn.Sequential(*mods), outplanes
-
-    def forward_features(self, x: Tensor) -> Tensor:
-        """The last stage's feature map."""
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
-
-    def forward_head(self, x: Tensor) -> Tensor:
-        """Pool, dropout, classifier."""
-        return self.fc(self.drop(torch.flatten(self.avgpool(x), 1)))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 @register_model(options=ResNet)

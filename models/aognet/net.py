@@ -30,7 +30,8 @@ from torch import Tensor, nn
 import an
 from an.checks import check_flag, check_int, check_rate
 
-from .._layers import classifier, conv2d
+from .._backbone import Backbone
+from .._layers import conv2d, drop_path_rates, make_drop_path
 from .._norms import NormFn, NormLayers, make_norm_layers
 from .grammar import AND, AOG, T, build_aog
 
@@ -116,7 +117,8 @@ class _Step(NamedTuple):
 class NodeOp(nn.Module):
     """A node's bottleneck unit with separate op and residual inputs: ``ReLU(branch(u) + shortcut(r))``.
 
-    branch = 1x1 conv -> norm -> ReLU -> 3x3 conv -> norm2 -> ReLU -> 1x1 conv -> norm [-> SE] [-> Dropout2d];
+    branch = 1x1 conv -> norm -> ReLU -> 3x3 conv -> norm2 -> ReLU -> 1x1 conv -> norm [-> SE] [-> Dropout2d]
+    [-> DropPath];
     shortcut = identity, or 1x1 conv -> shortcut norm when the widths differ (T-nodes).
 
     Args:
@@ -154,6 +156,7 @@ class NodeOp(nn.Module):
         self.drop = nn.Dropout2d(drop_rate) if drop_rate > 0 else None
         self.relu = nn.ReLU(inplace=True)
         self.shortcut = nn.Sequential(conv2d(cin, cout, 1), shortcut_norm(cout)) if cin != cout else None
+        self.drop_path: nn.Module | None = None  # stochastic depth, set by AOGNet (drop_path_rate)
 
     def zero_init_last(self) -> None:
         """Zero-inits the last norm of the branch."""
@@ -167,6 +170,8 @@ class NodeOp(nn.Module):
             out = self.se(out)
         if self.drop is not None:
             out = self.drop(out)
+        if self.drop_path is not None:
+            out = self.drop_path(out)
         return self.relu(out + (r if self.shortcut is None else self.shortcut(r)))
 
 
@@ -247,8 +252,11 @@ class AOGBlock(nn.Module):
         return self.relu(self.norm(outs[self.aog.root]))
 
 
-class AOGNet(nn.Module):
+class AOGNet(Backbone):
     """AOGNet backbone with a classifier.
+
+    Feature taps (``feature_info``): ``stem.8`` (the stem's last ReLU, stride 2) and the last block of each
+    stage (``stage1.blockN``..``stage4.blockN``, strides 4-32).
 
     Args:
         config: Architecture (:data:`AOGNET_12M`, :data:`AOGNET_40M` or custom).
@@ -265,7 +273,13 @@ class AOGNet(nn.Module):
         drop_rate: Dropout2d in the node ops: a number for the stages that use it (3-4), or one rate per stage;
             None keeps ``config.drop_rates``.
         child_order: Replaces ``config.child_order`` (``'official'`` or ``'natural'``, see :mod:`.grammar`).
+        drop_path_rate: Stochastic depth on every node op's branch: the node ops of AOG block i of the n blocks
+            are dropped per sample with probability ``drop_path_rate * i / (n - 1)`` during training.
+        global_pool: ``'avg'``, ``'max'``, ``'avgmax'``, ``'catavgmax'`` or ``''`` (none; ``num_classes=0``).
     """
+
+    first_conv = "stem.0"
+    flatten_sequential = True  # the taps are children of `stem` and of the stages (timm FeatureListNet option)
 
     def __init__(
         self,
@@ -283,6 +297,8 @@ class AOGNet(nn.Module):
         blocks: Sequence[int] | None = None,
         drop_rate: float | Sequence[float] | None = None,
         child_order: str | None = None,
+        drop_path_rate: float = 0.0,
+        global_pool: str = "avg",
     ) -> None:
         super().__init__()
         c = _override(config, filter_list, blocks, drop_rate, child_order)
@@ -318,27 +334,23 @@ class AOGNet(nn.Module):
                 )
                 cin = w
             self.add_module(f"stage{s + 1}", nn.Sequential(mods))
-        self.num_features = c.filter_list[-1]
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = classifier(self.num_features, num_classes)
+        self._init_head("AOGNet", c.filter_list[-1], num_classes, global_pool)
+        self.fc = self._new_classifier(num_classes)
         if check_flag("AOGNet", "zero_init_last", zero_init_last):
             for m in self.modules():
                 if isinstance(m, NodeOp):
                     m.zero_init_last()
-
-    def forward_features(self, x: Tensor) -> Tensor:
-        """The last stage's feature map."""
-        x = self.stem(x)
-        for s in range(len(self.config.blocks)):
-            x = getattr(self, f"stage{s + 1}")(x)
-        return x
-
-    def forward_head(self, x: Tensor) -> Tensor:
-        """Pool and classify."""
-        return self.fc(torch.flatten(self.avgpool(x), 1))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_head(self.forward_features(x))
+        blocks_in_order = [m for m in self.modules() if isinstance(m, AOGBlock)]
+        for block, rate in zip(blocks_in_order, drop_path_rates("AOGNet", drop_path_rate, len(blocks_in_order))):
+            for node in block.modules():
+                if isinstance(node, NodeOp):
+                    node.drop_path = make_drop_path(rate)
+        taps = [dict(num_chs=f0, reduction=2, module=f"stem.{len(self.stem) - 2}")]
+        stages = [f"stage{s + 1}" for s in range(n)]
+        for s, stage in enumerate(stages):
+            last = list(getattr(self, stage).named_children())[-1][0]
+            taps.append(dict(num_chs=c.filter_list[s + 1], reduction=2 ** (s + 2), module=f"{stage}.{last}"))
+        self._init_features(["stem", *stages], taps, checkpointed=stages)
 
 
 def _override(
