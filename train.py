@@ -39,7 +39,7 @@ from engine.build import (
     configure_torch,
     expand_path,
 )
-from engine.config import Config, ConfigError, check_training, load_config
+from engine.config import Config, check_training, load_config
 from engine.errors import main_guard
 from engine.logs import AttentionProbe, Progress, TensorBoard, get_logger, peak_memory_mb, setup_logging
 from engine.loop import (
@@ -69,21 +69,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_intermixed_args(argv)
 
 
-def run_device(requested: str | None) -> str:
-    """The device type this run will use: ``--device``, else cuda when a GPU is visible."""
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(
-            "--device cuda was given but no CUDA device is visible to this process (check CUDA_VISIBLE_DEVICES and "
-            "the driver); drop --device to use what is there, or pass --device cpu."
-        )
-    return requested or ("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def main(argv: list[str] | None = None) -> int:
     """Trains; a bad input raises a user error (see engine/errors.py; ``main_guard`` prints it, exit status 2)."""
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)
-    check_training(cfg, run_device(args.device), str(args.config))
+    check_training(cfg, du.device_type(args.device), str(args.config))
     cfg.data.root = expand_path(cfg.data.root)
     if args.dry_run:
         return dry_run(cfg)

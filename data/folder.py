@@ -123,6 +123,8 @@ def _unreadable(path: str | Path, err: OSError) -> DatasetError:
             f"{path} cannot be read: permission denied for the user running this ({user}). Give it read and "
             f"execute permission (chmod -R a+rX {path}, or ask its owner), or move it out of the dataset."
         )
+    if isinstance(err, FileNotFoundError):
+        return DatasetError(f"{path} does not exist. Check the path (data.root, or --data-root).\n{LAYOUT}")
     return DatasetError(f"{path} cannot be read ({err.strerror or err}). Fix or remove it.")
 
 

@@ -263,6 +263,35 @@ def test_eval_refuses_synthetic_images_for_a_real_data_checkpoint(folder_run, tm
     assert guarded(eval_script.main, argv, capsys)[0] == 0
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_device_cuda_without_a_gpu_is_a_clean_error(folder_run, tmp_path, capsys):
+    ckpt, _ = folder_run
+    for main, argv in [
+        (eval_script.main, ["--checkpoint", str(ckpt), "--device", "cuda"]),
+        (train.main, ["--config", str(tiny_config(tmp_path)), "--device", "cuda"]),
+    ]:
+        status, err = guarded(main, argv, capsys)
+        assert status == 2
+        assert_one_paragraph(err, "--device cuda was given but no CUDA device is visible", "--device cpu")
+
+
+def test_tools_name_a_missing_input(tmp_path, capsys):
+    from tools import bench_loader, make_table, model_stats, plot_run
+
+    missing = tmp_path / "missing"
+    cases = [
+        (convert_checkpoint.main, ["--from", "aognet-v2", str(missing), str(tmp_path / "out.pth")], "does not exist"),
+        (bench_loader.main, ["--data-root", str(missing), "--backend", "torch"], "does not exist"),
+        (make_table.main, [str(missing)], "does not exist"),
+        (plot_run.main, [str(missing)], "does not exist"),
+        (model_stats.main, ["--models", "resnet05"], "No model/norm matches"),
+    ]
+    for main, argv, fragment in cases:
+        status, err = guarded(main, argv, capsys)
+        assert status == 2, (argv, err)
+        assert_one_paragraph(err, fragment)
+
+
 def test_eval_overrides_in_any_position(folder_run, capsys):
     ckpt, root = folder_run
     argv = [

@@ -160,8 +160,10 @@ def main(argv: list[str] | None = None) -> int:
         and (not args.paper_only or r.paper_params_m is not None or r.paper_gflops is not None)
     ]
     if not rows:
-        print(f"no rows match; models: {', '.join(models.list_models())}; norms: {', '.join(an.list_norms())}")
-        return 2
+        raise SystemExit(
+            f"No model/norm matches --models/--norms; models: {', '.join(models.list_models())}; "
+            f"norms: {', '.join(an.list_norms())}."
+        )
     t0 = time.perf_counter()
     if args.matrix:
         names = [n for n in models.list_models() if _matches(n, args.models)]

@@ -560,6 +560,11 @@ def find_source(path: str | Path) -> Source:
             )
         config = path / CONFIG_NAME
         return Source(found[0], config if config.is_file() else None)
+    if not path.is_file():
+        raise ConversionError(
+            f"{path} does not exist (or is not a file); pass the official model_best.pth.tar or the folder the "
+            f"official zip unpacks to."
+        )
     config = path.parent / CONFIG_NAME
     return Source(path, config if config.is_file() else None)
 
