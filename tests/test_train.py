@@ -336,7 +336,8 @@ def test_corrupt_images_are_skipped_counted_and_the_run_goes_on(tmp_path, capsys
 def test_demo_script_end_to_end_on_a_reduced_budget(tmp_path):
     """The README's main command (minus pip): builds the digits, trains, evaluates, compares the numbers."""
     env = {**os.environ, "DIGITS_ROOT": str(tmp_path / "digits"), "OMP_NUM_THREADS": "2"}
-    overrides = [f"train.output_dir={tmp_path / 'run'}", "sched.epochs=1", "train.steps_per_epoch=4"]
+    overrides = [f"train.output_dir={tmp_path / 'run'}", "sched.epochs=1", "sched.warmup_epochs=0.5"]
+    overrides.append("train.steps_per_epoch=4")
     result = subprocess.run(
         ["bash", str(REPO / "scripts" / "demo.sh"), *overrides],
         cwd=tmp_path,
