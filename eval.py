@@ -12,6 +12,11 @@ The line printed (rank 0) holds ``top1``, ``top5``, ``count``, ``loss``, ``model
 the trainer logged for that epoch. Extra ``section.key=value`` overrides (e.g. ``data.crop_pct=0.95``)
 change evaluation settings; ``--config FILE`` rebuilds the model from a config file instead, and
 then the checkpoint must hold weights of that model.
+
+The dataset must be the one the model was trained for: its class folders are compared with the class
+list saved in the checkpoint (or, for a checkpoint without one, e.g. a converted official model, their
+number with ``model.num_classes``), and a mismatch stops with a message. Synthetic (random) images are
+evaluated only for a checkpoint trained on synthetic data, or with ``--allow-synthetic``.
 """
 
 from __future__ import annotations
@@ -21,14 +26,12 @@ import json
 import sys
 from pathlib import Path
 
-import data
 from engine import checkpoint as ck
 from engine import distributed as du
-from engine.build import build_loaders, build_model, expand_path, memory_format_of
+from engine.build import build_loaders, build_model, check_dataset_classes, expand_path, memory_format_of
 from engine.config import ConfigError, apply_overrides, config_from_dict, load_config, validate_model
+from engine.errors import main_guard
 from engine.loop import amp_dtype, evaluate
-
-EXIT_USAGE_ERROR = 2
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -42,8 +45,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--config", default=None, help="build the model from this config instead of the stored one")
     parser.add_argument("--device", default=None, choices=["cpu", "cuda"])
     parser.add_argument("--output", default=None, help="JSON file to write (default: next to the checkpoint)")
+    parser.add_argument(
+        "--allow-synthetic",
+        action="store_true",
+        help="evaluate random images (data.backend=synthetic) although the checkpoint was trained on real ones",
+    )
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides of evaluation settings")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)
 
 
 def resolve_config(args, ckpt: dict):
@@ -65,7 +73,30 @@ def resolve_config(args, ckpt: dict):
         cfg.data.workers = args.workers
     cfg.data.root = expand_path(cfg.data.root)
     validate_model(cfg, args.config or str(path))
+    check_data_source(args, ckpt, cfg)
     return cfg
+
+
+def check_data_source(args, ckpt: dict, cfg) -> None:
+    """Refuses an evaluation on synthetic (random) images that the user cannot have meant."""
+    if cfg.data.backend != "synthetic":
+        return
+    path = Path(args.checkpoint)
+    if args.data_root is not None:
+        stored = " (the backend stored in the checkpoint)" if args.backend is None else ""
+        raise ConfigError(
+            f"--data-root {args.data_root} is given but data.backend is 'synthetic'{stored}, which generates random "
+            f"images and reads no folder. Add --backend torch (or dali, dali_cpu) to evaluate {path} on the images "
+            f"in {args.data_root}."
+        )
+    trained = ((ckpt.get("config") or {}).get("data") or {}).get("backend")
+    if trained != "synthetic" and not args.allow_synthetic:
+        what = f"data.backend={trained}" if trained else "real images"
+        raise ConfigError(
+            f"{path} was trained on {what}, but this evaluation would use data.backend=synthetic: random images, "
+            f"whose accuracy says nothing about the model. Pass --data-root DIR (with --backend torch, dali or "
+            f"dali_cpu) to evaluate real images, or --allow-synthetic to evaluate random ones anyway (a smoke test)."
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         model = model.to(device=dist_info.device, memory_format=memory_format_of(cfg))
         loaders = build_loaders(cfg, dist_info, build_train=False)
         try:
+            check_dataset_classes(ckpt.get("classes"), cfg, loaders, ckpt_path)
             result = evaluate(model, loaders.val, dist_info.device, amp_dtype(cfg.train.amp))
         finally:
             loaders.close()
@@ -130,8 +162,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (ConfigError, ck.CheckpointError, data.DatasetError) as e:
-        print(f"Error: {e}", file=sys.stderr)
-        sys.exit(EXIT_USAGE_ERROR)
+    sys.exit(main_guard(main))

@@ -29,9 +29,7 @@ from torch import nn
 
 import data
 import models
-from engine import checkpoint as ck
 from engine import distributed as du
-from engine.accel import check_accel
 from engine.build import (
     build_loaders,
     build_model,
@@ -41,7 +39,8 @@ from engine.build import (
     configure_torch,
     expand_path,
 )
-from engine.config import Config, ConfigError, load_config
+from engine.config import Config, check_training, load_config
+from engine.errors import main_guard
 from engine.logs import AttentionProbe, Progress, TensorBoard, get_logger, peak_memory_mb, setup_logging
 from engine.loop import (
     LossWindow,
@@ -57,7 +56,6 @@ from engine.loop import (
 from engine.optim import make_schedule
 from engine.run_folder import Checkpointer, Position, RunFolder, find_resume, restore
 
-EXIT_CONFIG_ERROR = 2
 IMAGENET_TRAIN_IMAGES = 1_281_167
 
 
@@ -67,32 +65,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--resume", default=None, help="checkpoint to resume from (default: OUTPUT_DIR/last.pth)")
     parser.add_argument("--dry-run", action="store_true", help="print model, batch, LR and steps, then exit")
     parser.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when available")
-    parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. optim.lr=0.2")
-    return parser.parse_args(argv)
-
-
-def check_recipe(cfg: Config, source: str) -> None:
-    """Cross-key checks that a single key's type cannot express."""
-    if (cfg.train.mixup > 0 or cfg.train.cutmix > 0) and cfg.data.batch_size % 2:
-        raise ConfigError(
-            f"'data.batch_size' is {cfg.data.batch_size} in {source}, but mixup/cutmix pair each image with "
-            f"another of the batch and need an even per-GPU batch; use an even data.batch_size."
-        )
-    if cfg.train.amp == "fp16" and cfg.train.compile and not torch.cuda.is_available():
-        raise ConfigError(f"train.amp=fp16 with train.compile needs CUDA ({source}); use train.amp=bf16 on the CPU.")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. optim.lr=0.2 (any position)")
+    return parser.parse_intermixed_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Trains; a bad input raises a user error (see engine/errors.py; ``main_guard`` prints it, exit status 2)."""
     args = parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-        source = str(args.config)
-        check_recipe(cfg, source)
-        check_accel(cfg, args.device or ("cuda" if torch.cuda.is_available() else "cpu"), source)
-        cfg.data.root = expand_path(cfg.data.root)
-    except ConfigError as e:
-        print(f"Config error: {e}", file=sys.stderr)
-        return EXIT_CONFIG_ERROR
+    cfg = load_config(args.config, args.overrides)
+    check_training(cfg, du.device_type(args.device), str(args.config))
+    cfg.data.root = expand_path(cfg.data.root)
     if args.dry_run:
         return dry_run(cfg)
     dist_info = du.init_distributed(cfg.dist.backend, cfg.dist.timeout_minutes, device=args.device)
@@ -166,7 +148,7 @@ def run(cfg: Config, args, dist_info: du.DistInfo) -> int:
                 folder.log.truncate_after(pos.epoch)
         tb = TensorBoard(folder.path / "tb", enabled=cfg.log.tensorboard and dist_info.is_main)
         preempt = du.PreemptionHandler(dist_info.device, cfg.dist.signal_check_every)
-        saver = Checkpointer(cfg, folder, dist_info, ctx)
+        saver = Checkpointer(cfg, folder, dist_info, ctx, classes=loaders.class_names)
         r = Run(cfg, dist_info, folder, ctx, loaders, eval_model, steps, tb, preempt, saver)
         if dist_info.is_main:
             announce(r)
@@ -314,8 +296,4 @@ def epoch_line(cfg: Config, r: dict) -> str:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (ConfigError, ck.CheckpointError, data.DatasetError) as e:
-        print(f"Error: {e}", file=sys.stderr)
-        sys.exit(EXIT_CONFIG_ERROR)
+    sys.exit(main_guard(main))

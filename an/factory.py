@@ -19,7 +19,7 @@ from an.attentive import (
     AttentiveGroupNorm2d,
     check_groups,
 )
-from an.checks import check_choice
+from an.checks import check_choice, check_number
 from an.fused import COMPILE_NORMS, FUSED_NORMS
 from an.iebn import IEBatchNorm2d
 from an.registry import register_attn, register_norm
@@ -53,19 +53,31 @@ def _resolve_impl(kind: str, impl: str) -> type[nn.Module]:
     return {"an": AttentiveBatchNorm2d, "an_gn": AttentiveGroupNorm2d}[kind]
 
 
+def _check_stats(owner: str, eps: float, momentum: float | None = None) -> None:
+    """``eps`` > 0 and ``momentum`` None (a cumulative average) or in [0, 1]: torch builds a layer with other values
+    and fails only at its first forward (or trains on with meaningless running statistics)."""
+    check_number(owner, "eps", eps, 0.0, low_open=True)
+    number = isinstance(momentum, (int, float)) and not isinstance(momentum, bool)
+    if momentum is not None and not (number and 0.0 <= momentum <= 1.0):
+        raise ValueError(f"{owner}: 'momentum' must be null (a cumulative average) or in [0, 1], got {momentum!r}")
+
+
 @register_norm("bn", description="BatchNorm")
 def _bn(num_features: int, *, eps: float = 1e-5, momentum: float | None = 0.1) -> nn.Module:
+    _check_stats("norm 'bn'", eps, momentum)
     return nn.BatchNorm2d(num_features, eps=eps, momentum=momentum)
 
 
 @register_norm("gn", description="GroupNorm")
 def _gn(num_features: int, *, groups: int = DEFAULT_GROUPS, eps: float = 1e-5) -> nn.Module:
     check_groups("GroupNorm", num_features, groups)
+    _check_stats("norm 'gn'", eps)
     return nn.GroupNorm(groups, num_features, eps=eps)
 
 
 @register_norm("sn", description="Switchable Normalization (IN, LN and BN statistics)")
 def _sn(num_features: int, *, eps: float = 1e-5, momentum: float | None = 0.1) -> nn.Module:
+    _check_stats("norm 'sn'", eps, momentum)
     return SwitchableNorm2d(num_features, eps=eps, momentum=momentum)
 
 
@@ -79,6 +91,7 @@ def _an(
     momentum: float | None = 0.1,
     impl: str = "auto",
 ) -> nn.Module:
+    _check_stats("norm 'an'", eps, momentum)
     return _resolve_impl("an", impl)(num_features, k=k, attention=attention, eps=eps, momentum=momentum)
 
 
@@ -93,12 +106,14 @@ def _an_gn(
     momentum: float | None = 0.1,
     impl: str = "auto",
 ) -> nn.Module:
+    _check_stats("norm 'an_gn'", eps, momentum)
     cls = _resolve_impl("an_gn", impl)
     return cls(num_features, k=k, attention=attention, groups=groups, eps=eps, momentum=momentum)
 
 
 @register_norm("iebn", shortcut="bn", description="Instance Enhancement BN (BN kept on projection shortcuts)")
 def _iebn(num_features: int, *, eps: float = 1e-5, momentum: float | None = 0.1) -> nn.Module:
+    _check_stats("norm 'iebn'", eps, momentum)
     return IEBatchNorm2d(num_features, eps=eps, momentum=momentum)
 
 

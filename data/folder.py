@@ -2,7 +2,8 @@
 
 The class index of a folder is its position in the sorted list of class folder names, so the same
 dataset always gives the same labels. Train and val must hold the same class folders. Every problem
-raises :class:`DatasetError`, whose message names the path and shows the expected layout.
+raises :class:`DatasetError`, whose message names the path and shows the expected layout (or, for a
+folder that cannot be read or a symbolic link that loops, the permission or link to fix).
 
 File lists are stored compactly (:class:`FileTable`: one byte buffer plus offsets) rather than as a
 Python list of strings: loader worker processes read them without the copy-on-access memory growth
@@ -11,6 +12,7 @@ that a 1.28M-element list of ``str`` causes after ``fork``.
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -108,10 +110,52 @@ class SplitIndex:
         return len(self.files)
 
 
+def _unreadable(path: str | Path, err: OSError) -> DatasetError:
+    """The error for a dataset path the OS refuses: no permission, a looping symbolic link, or another OSError."""
+    if err.errno == errno.ELOOP:
+        return DatasetError(
+            f"{path} is a symbolic link that loops (it leads back to itself: {err.strerror}). Remove it, or make it "
+            f"point at the real folder or file (`ls -l {path}` shows its target)."
+        )
+    if isinstance(err, PermissionError):
+        user = os.environ.get("USER") or str(os.geteuid())
+        return DatasetError(
+            f"{path} cannot be read: permission denied for the user running this ({user}). Give it read and "
+            f"execute permission (chmod -R a+rX {path}, or ask its owner), or move it out of the dataset."
+        )
+    if isinstance(err, FileNotFoundError):
+        return DatasetError(f"{path} does not exist. Check the path (data.root, or --data-root).\n{LAYOUT}")
+    return DatasetError(f"{path} cannot be read ({err.strerror or err}). Fix or remove it.")
+
+
+def read_dir(folder: str | Path) -> list[os.DirEntry]:
+    """The entries of ``folder``; a folder the OS refuses to list raises DatasetError naming it and the fix."""
+    try:
+        with os.scandir(folder) as it:
+            return list(it)
+    except OSError as e:
+        raise _unreadable(folder, e) from None
+
+
+def entry_is_dir(entry: os.DirEntry) -> bool:
+    """``entry.is_dir()`` (following links), with a DatasetError for a looping or unreadable symbolic link."""
+    try:
+        return entry.is_dir()
+    except OSError as e:
+        raise _unreadable(entry.path, e) from None
+
+
+def entry_is_file(entry: os.DirEntry) -> bool:
+    """``entry.is_file()`` (following links), with a DatasetError for a looping or unreadable symbolic link."""
+    try:
+        return entry.is_file()
+    except OSError as e:
+        raise _unreadable(entry.path, e) from None
+
+
 def list_classes(split_dir: Path) -> list[str]:
     """Sorted names of the class folders (sub-folders, hidden ones excluded) of a split folder."""
-    with os.scandir(split_dir) as it:
-        return sorted(e.name for e in it if e.is_dir() and not e.name.startswith("."))
+    return sorted(e.name for e in read_dir(split_dir) if not e.name.startswith(".") and entry_is_dir(e))
 
 
 def _root_path(root: str | Path) -> Path:
@@ -128,7 +172,7 @@ def check_split_folder(root: Path, split: str) -> Path:
         raise _error("The dataset root is not a folder", root)
     folder = root / split
     if not folder.is_dir():
-        found = ", ".join(sorted(p.name for p in root.iterdir() if p.is_dir())[:10]) or "no sub-folders"
+        found = ", ".join(sorted(e.name for e in read_dir(root) if entry_is_dir(e))[:10]) or "no sub-folders"
         raise _error(f"The '{split}' folder is missing (the root holds: {found})", folder)
     return folder
 
@@ -151,7 +195,7 @@ def scan_split(root: str | Path, split: str, classes: list[str] | None = None) -
     folder = check_split_folder(root, split)
     found = list_classes(folder)
     if not found:
-        loose = sum(1 for e in os.scandir(folder) if e.is_file() and is_image_file(e.name))
+        loose = sum(1 for e in read_dir(folder) if is_image_file(e.name) and entry_is_file(e))
         hint = f" It holds {loose} images directly: sort them into class folders first." if loose else ""
         raise _error(f"No class folders in the '{split}' split.{hint}", folder)
     if classes is not None and found != classes:
@@ -159,8 +203,7 @@ def scan_split(root: str | Path, split: str, classes: list[str] | None = None) -
     rel_paths: list[str] = []
     labels: list[int] = []
     for label, name in enumerate(found):
-        with os.scandir(folder / name) as it:
-            names = sorted(e.name for e in it if is_image_file(e.name) and e.is_file())
+        names = sorted(e.name for e in read_dir(folder / name) if is_image_file(e.name) and entry_is_file(e))
         if not names:
             raise _error(
                 f"Class folder '{name}' of the '{split}' split has no images "

@@ -14,11 +14,14 @@ Unreadable files (corrupt, truncated, or not an image) never stop a run:
   :attr:`TorchValLoader.last_pass_skipped` says how many were dropped on this rank in the last pass.
 
 Each bad file is logged once (python ``logging``, warning) by the main process, and counted
-(``skipped_files``).
+(``skipped_files``). The first bad file of a class makes the main process look for one readable image of
+that class (:class:`ClassCheck`); when there is none, the class would silently drop out of training (or
+of the validation counts), so the loader raises :class:`~data.folder.DataLoadError` naming the class folder.
 """
 
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Iterator
 from typing import Any
@@ -70,14 +73,15 @@ class FolderBatches(Dataset):
             self._bad[index] = describe_error(e)
             return None
 
-    def __getitem__(self, key: tuple[int, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor, list[tuple[str, str]]]:
+    def __getitem__(self, key: tuple[int, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, str]]]:
+        """The batch of ``key``: uint8 images, labels, and the ``(index, error)`` of each unreadable file met."""
         epoch, indices = key
         n = len(indices)
         s = self.img_size
         images = torch.empty((n, s, s, 3), dtype=torch.uint8)
         out = images.numpy()
         labels = torch.empty(n, dtype=torch.int64)
-        skipped: list[tuple[str, str]] = []
+        skipped: list[tuple[int, str]] = []
         count = 0
         for index in indices:
             index = int(index)
@@ -88,7 +92,7 @@ class FolderBatches(Dataset):
             else:
                 img = self._decode(index)
                 if img is None:
-                    skipped.append((self.files.path(index), self._bad[index]))
+                    skipped.append((index, self._bad[index]))
                     continue
                 label = int(self.files.labels[index])
                 out[count] = eval_transform(img, s, self.crop_pct, self.interpolation)
@@ -98,17 +102,59 @@ class FolderBatches(Dataset):
             images, labels = images[:count].clone(), labels[:count].clone()
         return images, labels, skipped
 
-    def _train_sample(self, index: int, skipped: list[tuple[str, str]]) -> tuple[Image.Image, int]:
+    def _train_sample(self, index: int, skipped: list[tuple[int, str]]) -> tuple[Image.Image, int]:
         n = len(self.files)
         for k in range(min(MAX_REPLACEMENTS, n)):
             j = (index + k) % n
             img = self._decode(j)
             if img is not None:
                 return img, int(self.files.labels[j])
-            skipped.append((self.files.path(j), self._bad[j]))
+            skipped.append((j, self._bad[j]))
         raise DataLoadError(
             f"{min(MAX_REPLACEMENTS, n)} consecutive training files from {self.files.path(index)} on are unreadable "
             f"(last error: {skipped[-1][1]}). Run `python tools/check_dataset.py ROOT` to list the bad files."
+        )
+
+
+class ClassCheck:
+    """Raises when every image of a class is unreadable, checked once per class at its first unreadable file.
+
+    The torch loaders replace (training) or drop (validation) an unreadable file, which is right for a few bad
+    files but would silently remove a whole class whose every file is bad. At the first bad file of a class, the
+    main process decodes the class's files in order until one succeeds (usually the next one); when none does,
+    :meth:`check` raises :class:`~data.folder.DataLoadError` naming the class folder and the fix.
+    """
+
+    def __init__(self, files: FileTable, split: str):
+        self.files = files
+        self.split = split
+        self.cleared: set[int] = set()  # classes known to hold a readable image
+
+    def check(self, index: int, error: str) -> None:
+        label = int(self.files.labels[index])
+        if label in self.cleared:
+            return
+        members = np.flatnonzero(self.files.labels == label)
+        for i in members:
+            if int(i) == index:
+                continue
+            try:
+                load_rgb(self.files.path(int(i)))
+            except Exception:  # PIL raises many types for bad files
+                continue
+            self.cleared.add(label)
+            return
+        folder = os.path.dirname(self.files.path(index))
+        root = os.path.dirname(os.path.dirname(folder))
+        effect = (
+            "training would go on without this class, and the model would never learn it"
+            if self.split == "train"
+            else "the evaluation would leave the whole class out of its counts"
+        )
+        raise DataLoadError(
+            f"Every image of the class folder {folder} ({len(members)} files) is unreadable (e.g. {error}): {effect}. "
+            f"Replace the images (python tools/check_dataset.py {root} lists every bad file), or remove the class "
+            f"folder from both train/ and val/ and set model.num_classes to the new number of classes."
         )
 
 
@@ -185,6 +231,7 @@ class TorchTrainLoader(TrainLoader):
         self._normalizer = normalizer
         self._keys = _Keys()
         self._skips = SkipLog("training")
+        self._class_check = ClassCheck(files, "train")
         self._loader: DataLoader | None = _make_loader(
             FolderBatches(files, True, data_cfg, seed), self._keys, data_cfg, device
         )
@@ -210,7 +257,10 @@ class TorchTrainLoader(TrainLoader):
 
     def _host_batches(self) -> Iterator[Batch]:
         for images, labels, skipped in self._loader:
-            for path, error in skipped:
+            for index, error in skipped:
+                path = self.files.path(index)
+                if path not in self._skips.files:
+                    self._class_check.check(index, error)
                 self._skips.add(path, error, "replaced by the next readable image")
             yield images, labels
 
@@ -242,6 +292,7 @@ class TorchValLoader(ValLoader):
         self._keys = _Keys()
         self._keys.keys = [(0, b) for b in split_batches(self.indices, self.batch_size)]
         self._skips = SkipLog("validation")
+        self._class_check = ClassCheck(files, "val")
         self._last_pass_skipped = 0
         self._loader: DataLoader | None = None
         if self.num_samples:
@@ -265,7 +316,10 @@ class TorchValLoader(ValLoader):
     def _host_batches(self) -> Iterator[Batch]:
         dropped = 0
         for images, labels, skipped in self._loader:
-            for path, error in skipped:
+            for index, error in skipped:
+                path = self.files.path(index)
+                if path not in self._skips.files:
+                    self._class_check.check(index, error)
                 self._skips.add(path, error, "left out of the validation counts")
             dropped += len(skipped)
             if len(labels):

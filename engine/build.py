@@ -4,7 +4,7 @@ Each function builds one thing and reads only the config sections it needs:
 
 - :func:`build_model` (the model a config describes), :func:`build_model_for_training` (on its device,
   SyncBN-converted when asked, with its EMA);
-- :func:`build_loaders` (this rank's loaders), :func:`check_num_classes`;
+- :func:`build_loaders` (this rank's loaders), :func:`check_num_classes`, :func:`check_dataset_classes`;
 - :func:`build_train_context`: optimizer over the weight-decay groups, LR schedule, AMP scaler, DDP and
   torch.compile wrappers (:func:`wrap_model`), loss and mixup/cutmix (:func:`build_loss`);
 - :func:`configure_torch` (seeds, determinism, math modes), :func:`expand_path`, :func:`memory_format_of`.
@@ -121,6 +121,42 @@ def check_num_classes(cfg: Config, loaders: data.Loaders) -> None:
         raise ConfigError(
             f"The dataset at {cfg.data.root} has {loaders.num_classes} classes but model.num_classes is "
             f"{cfg.model.num_classes}; set model.num_classes={loaders.num_classes}."
+        )
+
+
+def check_dataset_classes(saved: list[str] | None, cfg: Config, loaders: data.Loaders, source) -> None:
+    """Raises DatasetError when the dataset's classes are not those a checkpoint was trained on.
+
+    ``saved``: the class folder names stored in the checkpoint (label order), or None (a checkpoint of synthetic
+    data, an older one, or a converted official one): then only the number of classes is compared with the
+    model's outputs (``model.num_classes``). Synthetic loaders (no class names) are not checked.
+    """
+    found = loaders.class_names
+    if found is None:
+        return
+    root = cfg.data.root
+    if saved is not None:
+        if list(saved) == list(found):
+            return
+
+        def show(names: list[str]) -> str:
+            return ", ".join(names[:8]) + (f" ... ({len(names)} in all)" if len(names) > 8 else "") or "none"
+
+        only_data = sorted(set(found) - set(saved))
+        only_ckpt = sorted(set(saved) - set(found))
+        raise data.DatasetError(
+            f"The dataset at {root} does not hold the classes {source} was trained on: it has {len(found)} class "
+            f"folders, the checkpoint {len(saved)}. Only in the dataset: {show(only_data)}; only in the checkpoint: "
+            f"{show(only_ckpt)}. Labels follow the sorted class folder names, so the accuracy would compare the "
+            f"model's outputs with the wrong classes. Pass --data-root with the dataset the model was trained on "
+            f"(or one with exactly its class folders)."
+        )
+    if len(found) != cfg.model.num_classes:
+        raise data.DatasetError(
+            f"The dataset at {root} has {len(found)} classes but the model of {source} has {cfg.model.num_classes} "
+            f"outputs (model.num_classes), so its labels cannot be the model's. Pass --data-root with a dataset of "
+            f"{cfg.model.num_classes} class folders, named so that they sort in the training order (ImageNet-1k: "
+            f"the WordNet ids n01440764 ... n15075141)."
         )
 
 

@@ -8,6 +8,7 @@ A checkpoint is a plain dict of tensors and Python primitives, so it loads with
     best_top1, best_epoch, meters        bookkeeping, so a resumed run logs what an unbroken one would
     rng                                  Python, NumPy, torch CPU and CUDA generator states
     config                               the resolved config (a nested dict), enough to rebuild the model
+    classes                              class folder names in label order (None: synthetic data, or older files)
     git_rev, versions                    provenance
 
 Writes go to a temporary file in the same folder, are flushed to disk, then renamed over the target
@@ -20,6 +21,7 @@ import os
 import pickle
 import platform
 import random
+import re
 import shutil
 import subprocess
 import tempfile
@@ -31,10 +33,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from engine.errors import UserError
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be used; the message names the file and the fix."""
 
 
@@ -178,6 +182,52 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def not_a_checkpoint(path: Path) -> str | None:
+    """Why ``path`` cannot be a file written by ``torch.save`` (a text file, an archive, other binary data), or None.
+
+    ``torch.save`` writes a zip archive holding ``<name>/data.pkl`` (older versions: a pickle stream starting with
+    byte 0x80). A zip whose central directory is missing (a cut-off copy) is not judged here: torch.load's error
+    tells it apart. The answer also feeds the official-checkpoint converter (tools/official.py).
+    """
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if head.startswith(b"PK\x03\x04"):
+        if not zipfile.is_zipfile(path):
+            return None  # truncated: torch.load says so
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+        if any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
+            return None
+        shown = ", ".join(names[:5]) + (f" ... ({len(names)} files)" if len(names) > 5 else "")
+        return (
+            f"a zip archive holding {shown or 'nothing'}, not a PyTorch checkpoint; unpack it and pass the "
+            f".pth / .pth.tar file inside"
+        )
+    if head.startswith(b"\x80"):
+        return None  # a pickle stream, as torch.save wrote it before PyTorch 1.6
+    if head.startswith(b"\x1f\x8b"):
+        return "a gzip-compressed file, not a PyTorch checkpoint; decompress it first (gunzip, or tar -xzf)"
+    if len(head) > 262 and head[257:262] == b"ustar":
+        return "a tar archive, not a PyTorch checkpoint; unpack it (tar -xf) and pass the checkpoint inside"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    if text is not None and text.strip() and all(c.isprintable() or c in "\r\n\t" for c in text):
+        start = " ".join(text.split())[:60]
+        return f"a text file (it starts with {start!r}), not a PyTorch checkpoint written by torch.save"
+    return (
+        f"neither a zip archive nor a pickle stream (it starts with bytes {head[:8].hex(' ')}), so not a PyTorch "
+        f"checkpoint written by torch.save"
+    )
+
+
+def refused_global(error: BaseException) -> str | None:
+    """The class a ``weights_only`` load refused (e.g. ``argparse.Namespace``), or None for other load errors."""
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
+    return found[1] if found else None
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Loads a checkpoint safely (``weights_only=True``), with a clear error for every failure mode."""
     path = Path(path)
@@ -193,14 +243,32 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
             f"(last.pth or best.pth in the same run folder) or re-copy the file."
         )
     try:
+        reason = not_a_checkpoint(path)
+    except OSError as e:
+        raise CheckpointError(f"Checkpoint {path} cannot be read ({e.strerror or e}); check its permissions.") from None
+    if reason is not None:
+        raise CheckpointError(
+            f"Checkpoint {path} is {reason}. Pass a checkpoint written by train.py (RUN_DIR/last.pth or best.pth) "
+            f"or by tools/convert_checkpoint.py."
+        )
+    try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
+        refused = refused_global(e)
+        if refused is not None:
             raise CheckpointError(
-                f"Checkpoint {path} contains pickled Python objects that are not plain tensors or containers, "
-                f"so it is refused for safety (torch.load weights_only=True): {msg}. Only load checkpoints "
-                f"written by this framework, or convert the file to a plain state dict."
+                f"Checkpoint {path} holds a pickled Python object ({refused}) besides tensors and plain containers; "
+                f"torch.load(weights_only=True) refuses such files because unpickling them can run code stored in "
+                f"the file. Checkpoints of this framework never hold one. An official AN release file "
+                f"(model_best.pth.tar) converts with tools/convert_checkpoint.py (--trust-pickle if you trust its "
+                f"source); for another file, save its state dict alone (torch.save(model.state_dict(), ...))."
+            ) from None
+        if "WeightsUnpickler error" in str(e) or "Weights only load failed" in str(e):
+            raise CheckpointError(
+                f"Checkpoint {path} is a pickle stream that is not a PyTorch checkpoint, or a corrupt one "
+                f"(torch.load could not read it: {_unpickler_problem(e)}). Pass a checkpoint written by train.py "
+                f"or tools/convert_checkpoint.py, or re-copy the file."
             ) from None
         raise CheckpointError(
             f"Checkpoint {path} is truncated or corrupt and cannot be read ({type(e).__name__}: {msg}). It was "
@@ -213,6 +281,16 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
             f"got {type(ckpt).__name__} with keys {list(ckpt)[:8] if isinstance(ckpt, dict) else '-'})."
         )
     return ckpt
+
+
+def _unpickler_problem(error: BaseException) -> str:
+    """The unpickler's own complaint inside torch's long weights_only message (e.g. "Unsupported operand 2")."""
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    for i, line in enumerate(lines):
+        if "WeightsUnpickler error" in line:
+            rest = line.split("WeightsUnpickler error:", 1)[1].strip()
+            return rest or (lines[i + 1] if i + 1 < len(lines) else "unknown")
+    return lines[0] if lines else type(error).__name__
 
 
 def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str | os.PathLike) -> None:

@@ -1,10 +1,12 @@
 """Typed experiment configuration: one YAML file per experiment, defaults in code.
 
 A run is described by a YAML file with the sections below. Every key has a default here, so a file
-only states what differs. Dotted ``key=value`` overrides given after the file on the command line win
-over the file. Loading is strict: an unknown section or key, a value of the wrong type, or a value
-outside its allowed set raises :class:`ConfigError`, whose message names the key, the file and the
-valid choices (with a did-you-mean suggestion for typos).
+only states what differs. Dotted ``key=value`` overrides on the command line win over the file. Loading
+is strict: an unknown section or key, a value of the wrong type (numbers must be finite), a value outside
+its allowed set, a key given twice in one mapping, or an empty file raises :class:`ConfigError`, whose
+message names the key, the file and line (or the override) and the valid choices (with a did-you-mean
+suggestion for typos). Checks that involve several keys or the device a run uses are
+:func:`check_training` (``train.py`` runs them before anything is built).
 
 The resolved :class:`Config` (defaults + file + overrides) is what gets saved in the run folder and
 inside every checkpoint, so a checkpoint is enough to rebuild its model (see ``eval.py``).
@@ -19,6 +21,8 @@ from __future__ import annotations
 
 import collections.abc
 import dataclasses
+import inspect
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -28,13 +32,14 @@ from typing import Any, Literal, Union
 import yaml
 
 from an.checks import did_you_mean
+from engine.errors import UserError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 AmpMode = Literal["bf16", "fp16", "none"]
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration problem; the message is meant to be shown to the user as is."""
 
 
@@ -268,10 +273,14 @@ def _type_name(tp: Any) -> str:
         return " or ".join(_type_name(a) for a in args) + " or null"
     if origin in (list, tuple, collections.abc.Sequence):
         args = typing.get_args(tp)
-        return f"a list of {_type_name(args[0])}" if args else "a list"
+        if not args:
+            return "a list"
+        inner = _type_name(args[0])
+        plural = {"an integer": "integers", "a finite number": "finite numbers", "a string": "strings"}
+        return f"a list of {plural.get(inner, inner)}"
     if origin in (dict, collections.abc.Mapping):
         return "a mapping"
-    return {int: "an integer", float: "a number", bool: "true/false", str: "a string"}.get(tp, str(tp))
+    return {int: "an integer", float: "a finite number", bool: "true/false", str: "a string"}.get(tp, str(tp))
 
 
 class _Mismatch(Exception):
@@ -322,13 +331,17 @@ def _coerce(value: Any, tp: Any) -> Any:
         raise _Mismatch
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 raise _Mismatch from None
-        raise _Mismatch
+        else:
+            raise _Mismatch
+        if not math.isfinite(number):  # .inf, nan: no key means anything by them
+            raise _Mismatch
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -354,6 +367,7 @@ def _set(cfg: Config, section: str, key: str, value: Any, source: str | None) ->
     fields = _section_fields(SECTIONS[section])
     if section == "model" and (key not in fields or key == "options"):
         cfg.model.options[key] = value  # a model option: checked against the model by validate_model()
+        _record_origin(cfg, section, key, source)
         return
     if key not in fields:
         raise ConfigError(
@@ -378,6 +392,21 @@ def _set(cfg: Config, section: str, key: str, value: Any, source: str | None) ->
         if not ok:
             raise ConfigError(f"Bad value for '{section}.{key}'{_where(source)}: got {value!r}, expected {text}.")
     setattr(getattr(cfg, section), key, coerced)
+    _record_origin(cfg, section, key, source)
+
+
+def _record_origin(cfg: Config, section: str, key: str, source: str | None) -> None:
+    """Remembers where ``section.key`` was set ("FILE, line N" or the override), for the messages of later checks.
+
+    Kept in the instance's ``__dict__`` beside the dataclass fields, so it is never dumped or saved.
+    """
+    if source:
+        cfg.__dict__.setdefault("_origins", {})[(section, key)] = source
+
+
+def origin(cfg: Config, section: str, key: str, default: str | None = None) -> str | None:
+    """Where ``section.key`` was set (see :func:`_record_origin`), else ``default``."""
+    return cfg.__dict__.get("_origins", {}).get((section, key), default)
 
 
 def _literal_hint(value: Any, tp: Any) -> str:
@@ -387,26 +416,110 @@ def _literal_hint(value: Any, tp: Any) -> str:
     return ""
 
 
-def config_from_dict(data: dict[str, Any] | None, source: str | None = None) -> Config:
-    """Builds a validated Config from a nested mapping (a parsed YAML file or a checkpoint's copy)."""
+def config_from_dict(
+    data: dict[str, Any] | None, source: str | None = None, lines: dict[tuple, int] | None = None
+) -> Config:
+    """Builds a validated Config from a nested mapping (a parsed YAML file or a checkpoint's copy).
+
+    ``lines`` (from :func:`read_yaml`) maps ``(section,)`` and ``(section, key)`` to their line in ``source``,
+    which the messages then name.
+    """
     cfg = Config()
     if data is None:
         return cfg
     if not isinstance(data, dict):
         raise ConfigError(f"The config{_where(source)} must be a mapping of sections, got {type(data).__name__}.")
+
+    def at(*path: str) -> str | None:
+        line = (lines or {}).get(path)
+        return f"{source}, line {line}" if source and line else source
+
     for section, values in data.items():
+        section = str(section)
         if section not in SECTIONS:
             raise ConfigError(
-                f"Unknown config section '{section}'{_where(source)}.{did_you_mean(section, SECTIONS)} "
+                f"Unknown config section '{section}'{_where(at(section))}.{did_you_mean(section, SECTIONS)} "
                 f"Valid sections: {', '.join(SECTIONS)}."
             )
         if values is None:
             continue
         if not isinstance(values, dict):
-            raise ConfigError(f"Config section '{section}'{_where(source)} must be a mapping of keys, got {values!r}.")
+            raise ConfigError(
+                f"Config section '{section}'{_where(at(section))} must be a mapping of keys, got {values!r}."
+            )
         for key, value in values.items():
-            _set(cfg, section, str(key), value, source)
+            _set(cfg, section, str(key), value, at(section, str(key)))
+            if isinstance(value, dict):  # e.g. model.norm_kwargs: its keys are checked by validate_model
+                for sub in value:
+                    _record_origin(cfg, section, f"{key}.{sub}", at(section, str(key), str(sub)))
     return cfg
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reading YAML: duplicate keys refused, line numbers kept.
+# ----------------------------------------------------------------------------------------------------
+
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+def _scan_keys(node: yaml.Node, path: tuple, lines: dict[tuple, int], source: str) -> None:
+    """Records the line of every mapping key under ``node`` and refuses a key given twice in one mapping."""
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == _MERGE_TAG:  # `<<: *anchor`: its keys are meant to be overridden
+                continue
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else str(key_node.start_mark)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                dotted = ".".join(map(str, (*path, key)))
+                raise ConfigError(
+                    f"Config file {source}, line {line}: '{dotted}' is given twice (first on line {seen[key]}). "
+                    f"YAML would silently keep only the last one and drop everything under the first; merge the "
+                    f"two into one."
+                )
+            seen[key] = line
+            lines[(*path, key)] = line
+            _scan_keys(value_node, (*path, key), lines, source)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _scan_keys(item, (*path, i), lines, source)
+
+
+def read_yaml(path: str | Path) -> tuple[Any, dict[tuple, int]]:
+    """Parses a YAML file with ``yaml.SafeLoader`` and returns ``(data, lines)``.
+
+    ``lines`` maps each key path (``("model",)``, ``("model", "name")``, ...) to its 1-based line. A key given
+    twice in one mapping, a file that is not UTF-8 text and invalid YAML raise :class:`ConfigError` naming the
+    file and the line.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"Config file {path} is not a text file (byte {e.start} is not UTF-8); give the experiment's .yaml file."
+        ) from None
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        lines: dict[tuple, int] = {}
+        if node is None:
+            return None, lines
+        _scan_keys(node, (), lines, str(path))
+        return loader.construct_document(node), lines
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        if isinstance(e, yaml.MarkedYAMLError) and e.problem:
+            detail = f"{e.context}: {e.problem}" if e.context else e.problem
+        else:
+            detail = " ".join(str(e).split())
+        raise ConfigError(
+            f"Config file {path}{where} is not valid YAML ({detail}). Check the indentation, colons and brackets there."
+        ) from None
+    finally:
+        loader.dispose()
 
 
 def parse_override(text: str) -> tuple[str, str, tuple[str, ...], Any]:
@@ -451,6 +564,8 @@ def apply_overrides(cfg: Config, overrides: typing.Sequence[str]) -> Config:
             node[sub[-1]] = value
             value = root
         _set(cfg, section, key, value, source)
+        if sub:
+            _record_origin(cfg, section, ".".join((key, *sub)), source)
     return cfg
 
 
@@ -472,11 +587,14 @@ def resolve_config_path(name: str | Path) -> Path:
 def load_config(name: str | Path, overrides: typing.Sequence[str] = ()) -> Config:
     """Loads a YAML experiment file (see :func:`resolve_config_path`), applies overrides and validates the model."""
     path = resolve_config_path(name)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"Config file {path} is not valid YAML: {e}") from None
-    cfg = config_from_dict(data, source=str(path))
+    data, lines = read_yaml(path)
+    if data is None:
+        raise ConfigError(
+            f"Config file {path} is empty (or holds only comments): a run would silently use every default "
+            f"(resnet50/bn, 1000 classes, no data.root). Write the experiment into it, or start from one in "
+            f"{CONFIG_DIR} (e.g. resnet50_an.yaml or demo_digits.yaml)."
+        )
+    cfg = config_from_dict(data, source=str(path), lines=lines)
     apply_overrides(cfg, overrides)
     if not cfg.train.output_dir.strip():
         cfg.train.output_dir = str(Path("runs") / path.stem)
@@ -484,10 +602,42 @@ def load_config(name: str | Path, overrides: typing.Sequence[str] = ()) -> Confi
     return cfg
 
 
+def _check_layer_kwargs(cfg: Config, key: str, builder: Any, owner: str, source: str | None) -> None:
+    """Coerces the values of ``model.<key>`` (``norm_kwargs``/``attn_kwargs``) to the types of the layer builder's
+    keyword parameters, or raises ConfigError naming ``model.<key>.<name>``. Unknown names are left to the build,
+    whose message lists the valid ones."""
+    kwargs = cfg.model.options.get(key)
+    if not isinstance(kwargs, dict) or not kwargs:
+        return
+    target = builder.__init__ if isinstance(builder, type) else builder
+    try:
+        hints = typing.get_type_hints(target)
+        params = inspect.signature(target).parameters
+    except (NameError, TypeError, ValueError):  # annotations this module cannot resolve: the build checks
+        return
+    for name, value in kwargs.items():
+        tp = hints.get(name)
+        if tp is None or name not in params:
+            continue
+        try:
+            kwargs[name] = _coerce(value, tp)
+        except _Mismatch:
+            default = params[name].default
+            shown = "" if default is inspect.Parameter.empty else f", default {default!r}"
+            where = origin(cfg, "model", f"{key}.{name}", origin(cfg, "model", key, source))
+            raise ConfigError(
+                f"Bad value for 'model.{key}.{name}'{_where(where)}: got {value!r}, expected {_type_name(tp)} "
+                f"({owner}{shown})."
+            ) from None
+        except TypeError:  # a parameter type the config does not model: the build checks the value
+            continue
+
+
 def validate_model(cfg: Config, source: str | None = None) -> None:
     """Checks the ``model`` section against the registries: the name, the norm, each option's name and type
-    (from the model's signature), then the values, by building the model on the meta device (no memory), so
-    every error a model would raise surfaces here, naming the file. Coerces option values in place."""
+    (from the model's signature), the types of the ``norm_kwargs``/``attn_kwargs`` entries (from the layer
+    builder's signature), then the values, by building the model on the meta device (no memory), so every error
+    a model would raise surfaces here, naming the file and line (or the override). Coerces values in place."""
     import torch
 
     import an
@@ -497,20 +647,21 @@ def validate_model(cfg: Config, source: str | None = None) -> None:
     names = models.list_models()
     if m.name not in names:
         raise ConfigError(
-            f"Unknown model '{m.name}' for 'model.name'{_where(source)}.{did_you_mean(m.name, names)} "
-            f"Valid models: {', '.join(names)}."
+            f"Unknown model '{m.name}' for 'model.name'{_where(origin(cfg, 'model', 'name', source))}."
+            f"{did_you_mean(m.name, names)} Valid models: {', '.join(names)}."
         )
     norms = an.list_norms()
     if m.norm not in norms:
         raise ConfigError(
-            f"Unknown norm '{m.norm}' for 'model.norm'{_where(source)}.{did_you_mean(m.norm, norms)} "
-            f"Valid norms: {', '.join(norms)}."
+            f"Unknown norm '{m.norm}' for 'model.norm'{_where(origin(cfg, 'model', 'norm', source))}."
+            f"{did_you_mean(m.norm, norms)} Valid norms: {', '.join(norms)}."
         )
     valid = {k: v for k, v in models.model_options(m.name).items() if k not in ("norm", "num_classes")}
     for key, value in m.options.items():
+        where = origin(cfg, "model", key, source)
         if key not in valid:
             raise ConfigError(
-                f"Unknown option 'model.{key}' for model '{m.name}'{_where(source)}.{did_you_mean(key, valid)} "
+                f"Unknown option 'model.{key}' for model '{m.name}'{_where(where)}.{did_you_mean(key, valid)} "
                 f"Options of {m.name}: {', '.join(valid)} (see models.model_options('{m.name}'))."
             )
         default, tp = valid[key]
@@ -518,11 +669,58 @@ def validate_model(cfg: Config, source: str | None = None) -> None:
             m.options[key] = _coerce(value, tp)
         except (_Mismatch, TypeError):
             raise ConfigError(
-                f"Bad value for 'model.{key}'{_where(source)}: got {value!r}, expected {_type_name(tp)} "
+                f"Bad value for 'model.{key}'{_where(where)}: got {value!r}, expected {_type_name(tp)} "
                 f"(default: {default!r})."
             ) from None
+    _check_layer_kwargs(cfg, "norm_kwargs", an.norm_entry(m.norm).builder, f"norm '{m.norm}'", source)
+    attn = m.options.get("attn_layer")
+    if isinstance(attn, str) and attn in an.list_attns():
+        _check_layer_kwargs(cfg, "attn_kwargs", an.attn_entry(attn).builder, f"attention layer '{attn}'", source)
     try:
         with torch.device("meta"):
             models.create_model(m.name, norm=m.norm, num_classes=m.num_classes, **m.options)
-    except (ValueError, TypeError) as e:
-        raise ConfigError(f"Bad model options{_where(source)} (section 'model'): {e}") from None
+    except (ValueError, TypeError, KeyError, AssertionError) as e:
+        overridden = sorted({o for (sec, _), o in cfg.__dict__.get("_origins", {}).items() if sec == "model"} - {None})
+        overridden = [o for o in overridden if o.startswith("command-line")]
+        also = f", with {', '.join(overridden)}" if overridden else ""
+        detail = " ".join(str(e).split()) or type(e).__name__
+        raise ConfigError(f"Bad model options (section 'model'{_where(source)}{also}): {detail}") from None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checks across keys, and against the device the run uses (train.py).
+# ----------------------------------------------------------------------------------------------------
+
+
+def check_training(cfg: Config, device: str, source: str | None = None) -> None:
+    """Raises ConfigError for a combination of keys a training run cannot honour on ``device`` ("cpu"/"cuda").
+
+    Each single key was checked when it was set; these involve several keys or the device: mixup/cutmix need an
+    even per-GPU batch, the warm-up must end before the run does, ``train.amp=fp16`` needs CUDA (fp16 autocast
+    with a loss scaler is a CUDA recipe; the CPU uses bf16), and ``train.cuda_graph`` needs CUDA
+    (:func:`engine.accel.check_accel`).
+    """
+    from engine.accel import check_accel
+
+    def at(section: str, key: str) -> str:
+        return _where(origin(cfg, section, key, source))
+
+    t, s = cfg.train, cfg.sched
+    if (t.mixup > 0 or t.cutmix > 0) and cfg.data.batch_size % 2:
+        raise ConfigError(
+            f"'data.batch_size' is {cfg.data.batch_size}{at('data', 'batch_size')}, but mixup/cutmix pair each "
+            f"image with another of the batch and need an even per-GPU batch; use an even data.batch_size."
+        )
+    if s.warmup_epochs > 0 and s.warmup_epochs >= s.epochs:
+        raise ConfigError(
+            f"'sched.warmup_epochs' is {s.warmup_epochs:g}{at('sched', 'warmup_epochs')} but the run lasts "
+            f"sched.epochs={s.epochs}: the learning rate would never reach its peak. Make the warm-up shorter than "
+            f"the run (the recipes warm up for 5 of 120 epochs), or set sched.warmup_epochs=0."
+        )
+    device_type = str(device).split(":")[0]
+    if t.amp == "fp16" and device_type != "cuda":
+        raise ConfigError(
+            f"train.amp=fp16{at('train', 'amp')} needs a CUDA device (float16 autocast with a loss scaler), but "
+            f"this run is on {device_type}. Use train.amp=bf16 (or none) on the CPU, or run on a GPU."
+        )
+    check_accel(cfg, device_type, origin(cfg, "train", "cuda_graph", source))

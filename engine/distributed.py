@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from engine.errors import UserError
+
 # Exit status of a run stopped by SIGTERM/SIGUSR1 after writing its checkpoint: EX_TEMPFAIL from
 # sysexits.h ("temporary failure; the user is invited to retry"). The SLURM script requeues on it.
 EXIT_PREEMPTED = 75
@@ -66,6 +68,22 @@ def world_info_from_env() -> tuple[int, int, int]:
     return 0, 1, 0
 
 
+def device_type(device: str | None = None) -> str:
+    """The device type a process will use: ``device`` ("cpu"/"cuda"), else "cuda" when a GPU is visible.
+
+    Raises:
+        UserError: "cuda" was asked for but no CUDA device is visible.
+    """
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(
+            "--device cuda was given but no CUDA device is visible to this process (check CUDA_VISIBLE_DEVICES and "
+            "the driver); drop --device to use what is there, or pass --device cpu."
+        )
+    return "cuda" if device.startswith("cuda") else "cpu"
+
+
 def init_distributed(backend: str = "auto", timeout_minutes: float = 30.0, device: str | None = None) -> DistInfo:
     """Initialises the default process group when launched with several processes.
 
@@ -75,10 +93,8 @@ def init_distributed(backend: str = "auto", timeout_minutes: float = 30.0, devic
         device: force "cpu" or "cuda"; default CUDA when available.
     """
     rank, world_size, local_rank = world_info_from_env()
-    use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
+    use_cuda = device_type(device) == "cuda"
     if use_cuda:
-        if not torch.cuda.is_available():
-            raise RuntimeError("CUDA was requested but no CUDA device is visible to this process.")
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
         dev = torch.device("cuda", torch.cuda.current_device())
     else:

@@ -173,11 +173,24 @@ class Checkpointer:
     preemption check (``engine.distributed.PreemptionHandler.agree``) so that every rank saves at that step.
     """
 
-    def __init__(self, cfg: Config, folder: RunFolder, dist_info: du.DistInfo, ctx: TrainContext):
+    def __init__(
+        self,
+        cfg: Config,
+        folder: RunFolder,
+        dist_info: du.DistInfo,
+        ctx: TrainContext,
+        classes: list[str] | None = None,
+    ):
         self.cfg, self.folder, self.dist_info, self.ctx = cfg, folder, dist_info, ctx
         self.last_time = time.monotonic()
-        # Provenance cannot change during a run: computed once, not at every save.
-        self.provenance = {"config": cfg.to_dict(), "git_rev": ck.git_revision(), "versions": ck.versions()}
+        # Provenance cannot change during a run: computed once, not at every save. `classes`: the training set's
+        # class folder names in label order (None for synthetic data), which eval.py checks a dataset against.
+        self.provenance = {
+            "config": cfg.to_dict(),
+            "classes": list(classes) if classes is not None else None,
+            "git_rev": ck.git_revision(),
+            "versions": ck.versions(),
+        }
 
     def state(self, epoch: int, step_in_epoch: int, pos: Position, rng: list) -> dict:
         """The checkpoint dict (see engine/checkpoint.py for its layout)."""

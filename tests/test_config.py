@@ -82,7 +82,7 @@ def test_override_precedence(tmp_path):
 
 
 def test_bad_overrides(tmp_path):
-    path = write(tmp_path, "")
+    path = write(tmp_path, "model:\n  name: resnet18\n")
     with pytest.raises(ConfigError, match=r"expected section.key=value"):
         load_config(path, ["optim.lr"])
     with pytest.raises(ConfigError, match=r"must be section.key"):

@@ -24,6 +24,7 @@ import yaml
 import eval as eval_script
 from engine import checkpoint as ck
 from engine.config import config_from_dict
+from engine.errors import main_guard
 from engine.init_weights import load_init_weights
 from tools import convert_checkpoint, official
 from train import build_model
@@ -320,10 +321,8 @@ def test_wrong_model_lists_keys_and_names_the_guess(tmp_path, capsys):
     with pytest.raises(official.ConversionError, match=r"(?s)does not fit aognet40m.*look like aognet12m with norm bn"):
         official.convert(tmp_path / "aog", out)
     assert not out.exists()  # nothing written
-    assert (
-        convert_checkpoint.main(["--from", "aognet-v2", str(pth), str(out), "--model", "resnet101", "--norm", "an"])
-        == 2
-    )
+    argv = ["--from", "aognet-v2", str(pth), str(out), "--model", "resnet101", "--norm", "an"]
+    assert main_guard(convert_checkpoint.main, argv) == 2
     assert "Error: " in capsys.readouterr().err
 
 
@@ -422,7 +421,8 @@ def test_eval_runs_on_a_converted_checkpoint(tmp_path, capsys):
     out = tmp_path / "r50an.pth"
     official.convert(tmp_path / "off", out)
     argv = [
-        "--checkpoint", str(out), "--backend", "synthetic", "--batch-size", "2", "--workers", "0", "--device", "cpu",
+        "--checkpoint", str(out), "--backend", "synthetic", "--allow-synthetic", "--batch-size", "2", "--workers", "0",
+        "--device", "cpu",
         "data.img_size=32", "data.synthetic_val_size=3", "train.amp=\"none\"", "train.channels_last=false",
     ]  # fmt: skip
     assert eval_script.main(argv) == 0

@@ -19,9 +19,11 @@ import eval as eval_script
 import train
 from engine import checkpoint as ck
 from engine.distributed import EXIT_PREEMPTED
+from engine.errors import main_guard
 from tests.conftest import tiny_config
 
 REPO = Path(__file__).resolve().parent.parent
+CUDA = torch.cuda.is_available()
 
 
 def read_log(run: Path) -> list[dict]:
@@ -216,11 +218,11 @@ def test_dry_run_prints_the_plan_without_data(tmp_path, capsys):
 
 def test_config_errors_exit_with_a_message(tmp_path, capsys):
     config = tiny_config(tmp_path)
-    assert train.main(["--config", str(config), "optim.lrr=0.1"]) == 2
+    assert main_guard(train.main, ["--config", str(config), "optim.lrr=0.1"]) == 2
     assert "Did you mean 'lr'" in capsys.readouterr().err
-    assert train.main(["--config", str(config), "model.name=resnet05"]) == 2
+    assert main_guard(train.main, ["--config", str(config), "model.name=resnet05"]) == 2
     assert "Did you mean 'resnet50'" in capsys.readouterr().err
-    assert train.main(["--config", str(config), "train.mixup=0.2", "data.batch_size=7"]) == 2
+    assert main_guard(train.main, ["--config", str(config), "train.mixup=0.2", "data.batch_size=7"]) == 2
     assert "even" in capsys.readouterr().err
 
 
@@ -293,7 +295,9 @@ def test_sigterm_to_a_real_process_checkpoints_and_exits_75(tmp_path):
     assert f"Resumed from {tmp_path / 'run' / 'last.pth'}: epoch 0, step {state['step_in_epoch']}" in done.stdout
 
 
-@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+@pytest.mark.parametrize(
+    "amp", ["bf16", pytest.param("fp16", marks=[pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs CUDA")])]
+)
 def test_amp_runs_and_saves_its_scaler(tmp_path, amp):
     config = tiny_config(
         tmp_path, train={"amp": amp, "channels_last": True}, sched={"epochs": 1}, data={"synthetic_train_size": 16}
@@ -332,7 +336,8 @@ def test_corrupt_images_are_skipped_counted_and_the_run_goes_on(tmp_path, capsys
 def test_demo_script_end_to_end_on_a_reduced_budget(tmp_path):
     """The README's main command (minus pip): builds the digits, trains, evaluates, compares the numbers."""
     env = {**os.environ, "DIGITS_ROOT": str(tmp_path / "digits"), "OMP_NUM_THREADS": "2"}
-    overrides = [f"train.output_dir={tmp_path / 'run'}", "sched.epochs=1", "train.steps_per_epoch=4"]
+    overrides = [f"train.output_dir={tmp_path / 'run'}", "sched.epochs=1", "sched.warmup_epochs=0.5"]
+    overrides.append("train.steps_per_epoch=4")
     result = subprocess.run(
         ["bash", str(REPO / "scripts" / "demo.sh"), *overrides],
         cwd=tmp_path,

@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root
 import data
 from data.folder import list_classes
 from engine.config import Config
+from engine.errors import main_guard
 
 JPEG_SIZE = (500, 375)
 
@@ -177,4 +178,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main_guard(main))

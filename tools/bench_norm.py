@@ -40,6 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import an
 from an.factory import IMPLS
+from engine.errors import main_guard
 
 SHAPES = ((64, 56, 10), (128, 28, 10), (256, 14, 20), (512, 7, 20))  # (channels, spatial size, AN's K)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -334,4 +335,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main_guard(main))

@@ -66,6 +66,7 @@ import data
 import models
 from engine import checkpoint as ck
 from engine.config import Config
+from engine.errors import main_guard
 from engine.loop import (
     NonFiniteLossError,
     TrainContext,
@@ -870,4 +871,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main_guard(main))

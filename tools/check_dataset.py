@@ -2,11 +2,13 @@
 """Scans an ImageNet-layout dataset and reports what would trouble training or evaluation.
 
 Problems (exit code 1): a missing split, a split without class folders, an empty class, train and
-val with different classes, a file in a class folder that is not an image (wrong extension; the
-loaders ignore it), an image that cannot be decoded (each file is opened with PIL, ``verify()``-ed,
-then re-opened and fully decoded with ``load()``). Also printed, for information only: images per
-split, non-RGB images (CMYK, greyscale...), files whose content is another format than their
-extension says, and the largest image (a hint for the DALI preallocation options).
+val with different classes, a folder that cannot be read (permissions) or a symbolic link that loops,
+a file in a class folder that is not an image (wrong extension; the loaders ignore it), an image that
+cannot be decoded (each file is opened with PIL, ``verify()``-ed, then re-opened and fully decoded with
+``load()``), and a class none of whose images can be decoded (the loaders stop on it). Also printed,
+for information only: images per split, non-RGB images (CMYK, greyscale...), files whose content is
+another format than their extension says, and the largest image (a hint for the DALI preallocation
+options).
 
 Usage::
 
@@ -25,7 +27,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root, for `python tools/...` anywhere
 
-from data.folder import IMG_EXTENSIONS, SPLITS, is_image_file, list_classes
+from data.folder import (
+    IMG_EXTENSIONS,
+    SPLITS,
+    DatasetError,
+    entry_is_dir,
+    entry_is_file,
+    is_image_file,
+    list_classes,
+    read_dir,
+)
+from engine.errors import main_guard
 
 _FORMAT_OF_EXT = {
     ".jpg": "JPEG",
@@ -64,6 +76,7 @@ class SplitReport:
     unreadable: list[tuple[str, str]] = field(default_factory=list)
     not_images: list[str] = field(default_factory=list)
     empty_classes: list[str] = field(default_factory=list)
+    unreadable_classes: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     modes: Counter = field(default_factory=Counter)
     format_mismatch: list[str] = field(default_factory=list)
@@ -77,23 +90,36 @@ def scan_split(root: Path, split: str, workers: int) -> SplitReport:
     if not folder.is_dir():
         report.problems.append(f"missing folder {folder}")
         return report
-    report.classes = list_classes(folder)
+    try:
+        report.classes = list_classes(folder)
+    except DatasetError as e:  # the split folder cannot be listed, or holds a looping link
+        report.problems.append(str(e))
+        return report
     if not report.classes:
         report.problems.append(f"no class folders in {folder}")
     images: list[str] = []
+    per_class: dict[str, list[str]] = {}
     for name in report.classes:
         count = 0
-        with os.scandir(folder / name) as entries:
-            for entry in sorted(entries, key=lambda e: e.name):
-                if entry.name.startswith("."):
-                    continue
-                if entry.is_dir():
+        try:
+            entries = sorted(read_dir(folder / name), key=lambda e: e.name)
+        except DatasetError as e:
+            report.problems.append(str(e))
+            continue
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            try:
+                if entry_is_dir(entry):
                     report.not_images.append(f"{entry.path}/ (a sub-folder; the loaders do not look inside)")
-                elif is_image_file(entry.name):
+                elif is_image_file(entry.name) and entry_is_file(entry):
                     images.append(entry.path)
+                    per_class.setdefault(name, []).append(entry.path)
                     count += 1
                 else:
                     report.not_images.append(entry.path)
+            except DatasetError as e:
+                report.problems.append(str(e))
         if count == 0:
             report.empty_classes.append(str(folder / name))
     report.images = len(images)
@@ -102,9 +128,11 @@ def scan_split(root: Path, split: str, workers: int) -> SplitReport:
             results = list(pool.map(check_image, images, chunksize=max(1, min(256, len(images) // (4 * workers)))))
     else:
         results = [check_image(p) for p in images]
+    bad = set()
     for path, error, size, mode, fmt in results:
         if error is not None:
             report.unreadable.append((path, error))
+            bad.add(path)
             continue
         report.modes[mode] += 1
         expected = _FORMAT_OF_EXT.get(os.path.splitext(path)[1].lower())
@@ -112,6 +140,7 @@ def scan_split(root: Path, split: str, workers: int) -> SplitReport:
             report.format_mismatch.append(f"{path} ({fmt} data)")
         if size[0] * size[1] > report.largest[0] * report.largest[1]:
             report.largest = size
+    report.unreadable_classes = [str(folder / n) for n, files in per_class.items() if all(f in bad for f in files)]
     return report
 
 
@@ -154,6 +183,11 @@ def main(argv: list[str] | None = None) -> int:
             )
         if r.empty_classes:
             print(f"  problem: class folders without images:\n{_show(r.empty_classes, args.max_list)}")
+        if r.unreadable_classes:
+            print(
+                f"  problem: class folders none of whose images can be decoded (training stops on them; replace "
+                f"the images, or remove the class from train/ and val/):\n{_show(r.unreadable_classes, args.max_list)}"
+            )
         if r.format_mismatch:
             print(
                 f"  note: {len(r.format_mismatch)} files hold another format than their extension says "
@@ -168,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"data.dali_preallocate_width / data.dali_preallocate_height)"
             )
         problems += len(r.problems) + len(r.unreadable) + len(r.not_images) + len(r.empty_classes)
+        problems += len(r.unreadable_classes)
     by_split = {r.split: r for r in reports}
     if "train" in by_split and "val" in by_split:
         train, val = by_split["train"].classes, by_split["val"].classes
@@ -186,4 +221,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main_guard(main))

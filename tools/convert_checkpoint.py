@@ -25,9 +25,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root
 
-from tools.official import FORMATS, ConversionError, convert
-
-EXIT_ERROR = 2
+from engine.errors import main_guard
+from tools.official import FORMATS, convert
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -46,12 +45,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Converts; a bad input raises ConversionError (``main_guard`` prints it and exits with status 2)."""
     args = parse_args(argv)
-    try:
-        r = convert(args.path, args.out, args.config, args.model, args.norm, tuple(args.overrides), args.trust_pickle)
-    except ConversionError as e:
-        print(f"Error: {e}", file=sys.stderr)
-        return EXIT_ERROR
+    r = convert(args.path, args.out, args.config, args.model, args.norm, tuple(args.overrides), args.trust_pickle)
     options = "".join(f", {k}={v}" for k, v in r["options"].items())
     best = f"{r['best_prec1']:.3f}%" if r["best_prec1"] is not None else "not recorded"
     print(f"Read {r['checkpoint']} ({r['described_by']})")
@@ -64,4 +60,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main_guard(main))

@@ -22,6 +22,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root, for `python tools/...` anywhere
+
+from engine.errors import main_guard
+
 # (table, backbone label, model name, norm, paper params (M), paper GFLOPs, top-1 err, top-5 err, quoted?)
 # docs/AN.md 5.1 (normal: 120 epochs, MobileNetV2 150) and 5.2 (advanced: 200 epochs + label smoothing + mixup).
 PAPER_ROWS = [
@@ -237,4 +241,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main_guard(main))

@@ -32,6 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import an
 import models
+from engine.errors import main_guard
 from models.stats import mac_breakdown
 
 D = {"deep_stem": True, "avg_down": True}
@@ -159,8 +160,10 @@ def main(argv: list[str] | None = None) -> int:
         and (not args.paper_only or r.paper_params_m is not None or r.paper_gflops is not None)
     ]
     if not rows:
-        print(f"no rows match; models: {', '.join(models.list_models())}; norms: {', '.join(an.list_norms())}")
-        return 2
+        raise SystemExit(
+            f"No model/norm matches --models/--norms; models: {', '.join(models.list_models())}; "
+            f"norms: {', '.join(an.list_norms())}."
+        )
     t0 = time.perf_counter()
     if args.matrix:
         names = [n for n in models.list_models() if _matches(n, args.models)]
@@ -177,4 +180,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main_guard(main))

@@ -54,6 +54,7 @@ from engine.config import (
     resolve_config_path,
     validate_model,
 )
+from engine.errors import UserError
 
 __all__ = [
     "FORMATS",
@@ -148,7 +149,7 @@ _RESNET_FIXED = {
 }
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError, ValueError):
     """A file or config that cannot be converted; the message names the file and what to do."""
 
 
@@ -196,6 +197,11 @@ def load_official(path: str | Path, trust_pickle: bool = False) -> dict[str, Any
         raise ConversionError(f"{path} does not exist or is not a file.")
     if path.stat().st_size == 0:
         raise ConversionError(f"{path} is empty (0 bytes), probably an interrupted download; download it again.")
+    reason = ck.not_a_checkpoint(path)  # checked before any unpickling, --trust-pickle or not
+    if reason is not None:
+        raise ConversionError(
+            f"{path} is {reason}. Pass the official model_best.pth.tar (or the folder holding it and config.yaml)."
+        )
     try:
         if trust_pickle:
             obj = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_LENIENT_PICKLE)
@@ -203,9 +209,9 @@ def load_official(path: str | Path, trust_pickle: bool = False) -> dict[str, Any
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
         text = str(e)
-        if not trust_pickle and ("Weights only load failed" in text or "Unsupported global" in text):
-            found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
-            what = f" (e.g. {found[1]})" if found else ""
+        refused = ck.refused_global(e)
+        if not trust_pickle and refused is not None:
+            what = f" (e.g. {refused})"
             raise ConversionError(
                 f"{path} holds pickled Python objects besides tensors{what}; the official files keep apex's "
                 f"optimizer state in them. They are refused by default because unpickling them can run code "
@@ -554,6 +560,11 @@ def find_source(path: str | Path) -> Source:
             )
         config = path / CONFIG_NAME
         return Source(found[0], config if config.is_file() else None)
+    if not path.is_file():
+        raise ConversionError(
+            f"{path} does not exist (or is not a file); pass the official model_best.pth.tar or the folder the "
+            f"official zip unpacks to."
+        )
     config = path.parent / CONFIG_NAME
     return Source(path, config if config.is_file() else None)
 

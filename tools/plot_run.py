@@ -11,6 +11,10 @@ import json
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root, for `python tools/...` anywhere
+
+from engine.errors import main_guard
+
 
 def read_log(run: Path) -> list[dict]:
     path = run / "log.jsonl" if run.is_dir() else run
@@ -85,4 +89,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main_guard(main))
