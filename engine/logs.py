@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 import an
+from engine.checkpoint import write_text_atomic
 
 LOGGER_NAME = "an"
 
@@ -125,6 +126,18 @@ class JsonlWriter:
         with self.path.open("a") as f:
             f.write(json.dumps(clean) + "\n")
 
+    def records(self) -> list[dict[str, Any]]:
+        """The records written so far; a line cut off by a kill is skipped."""
+        if not self.path.exists():
+            return []
+        out = []
+        for line in self.path.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue
+        return out
+
     def truncate_after(self, completed_epochs: int) -> None:
         """On resume, drops lines of epochs after ``completed_epochs`` (logged after the checkpoint we resume from).
 
@@ -133,9 +146,10 @@ class JsonlWriter:
         """
         if not self.path.exists():
             return
-        lines = self.path.read_text().splitlines()
-        kept = [line for line in lines if line.strip() and json.loads(line)["epoch"] <= completed_epochs]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        text = self.path.read_text()
+        kept = "".join(json.dumps(r) + "\n" for r in self.records() if r.get("epoch", 0) <= completed_epochs)
+        if kept != text:
+            write_text_atomic(self.path, kept)
 
 
 class TensorBoard:
