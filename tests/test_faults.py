@@ -224,6 +224,7 @@ def alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.slow
 def test_loader_workers_ignore_sigterm_and_die_with_the_trainer(tmp_path, jpeg_root):
     config = jpeg_config(tmp_path, jpeg_root)
     proc = start(train_cmd(config))

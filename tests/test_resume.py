@@ -135,6 +135,7 @@ def folder_config(tmp_path: Path, root: Path) -> Path:
     )
 
 
+@pytest.mark.slow
 def test_moved_data_is_a_notice_and_resumes_at_the_same_step_but_other_data_is_refused(tmp_path, folders, monkeypatch):
     straight = folder_config(tmp_path / "straight", folders / "a")
     assert train.main(["--config", str(straight)]) == 0
