@@ -13,7 +13,8 @@ Several nodes: ``scripts/slurm/train.sbatch`` (torchrun per node with c10d rende
 per GPU). A run writes into ``train.output_dir``: ``config.yaml`` (the resolved config), ``log.jsonl``
 (one line per epoch), ``train.log``, ``tb/`` (TensorBoard), ``last.pth``, ``best.pth``, optional
 ``epoch_NNN.pth``, ``status.json`` and ``summary.json``. Starting the same command again resumes from
-``last.pth``. SIGTERM/SIGUSR1 make every rank stop at the same step, checkpoint, and exit with status 75.
+``last.pth``. SIGTERM, SIGINT or SIGUSR1 make every rank stop at the same step, checkpoint, and exit with
+status 75 (``status.json`` says ``preempted``). One run at a time writes into a folder (``.lock``).
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ from torch import nn
 
 import data
 import models
+from engine import checkpoint as ck
 from engine import distributed as du
+from engine import faults
 from engine.build import (
     build_loaders,
     build_model,
@@ -41,7 +44,7 @@ from engine.build import (
 )
 from engine.config import Config, check_training, load_config
 from engine.errors import main_guard
-from engine.logs import AttentionProbe, Progress, TensorBoard, get_logger, peak_memory_mb, setup_logging
+from engine.logs import AttentionProbe, Progress, TensorBoard, get_logger, logging_to, peak_memory_mb
 from engine.loop import (
     LossWindow,
     NonFiniteLossError,
@@ -54,7 +57,8 @@ from engine.loop import (
     train_step,
 )
 from engine.optim import make_schedule
-from engine.run_folder import Checkpointer, Position, RunFolder, find_resume, restore
+from engine.resume import find_resume, restore
+from engine.run_folder import Checkpointer, CheckpointWriteError, Position, RunFolder, UnsafeStateError
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
 
@@ -65,6 +69,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--resume", default=None, help="checkpoint to resume from (default: OUTPUT_DIR/last.pth)")
     parser.add_argument("--dry-run", action="store_true", help="print model, batch, LR and steps, then exit")
     parser.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when available")
+    parser.add_argument(
+        "--allow-changes",
+        action="store_true",
+        help="resume even though the config changes the experiment (batch, LR, optimizer, ...); the changes are logged",
+    )
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. optim.lr=0.2 (any position)")
     return parser.parse_intermixed_args(argv)
 
@@ -128,11 +137,27 @@ class Run:
 
 
 def run(cfg: Config, args, dist_info: du.DistInfo) -> int:
-    """Sets one run up (run folder, model, data, optimizer, resume), then trains it."""
-    folder = RunFolder(cfg.train.output_dir, dist_info.is_main)
-    setup_logging(dist_info.rank, folder.path if dist_info.is_main else None)
+    """Opens the run folder (one run per folder), catches preemption signals from here on, then sets up and trains."""
+    folder = RunFolder.open(cfg.train.output_dir, dist_info)  # first: a second run into the folder touches nothing
+    try:
+        with (
+            logging_to(dist_info.rank, folder.path if dist_info.is_main else None),
+            du.PreemptionHandler(dist_info.device, cfg.dist.signal_check_every) as preempt,
+        ):
+            return set_up_and_fit(cfg, args, dist_info, folder, preempt)
+    finally:
+        folder.close()
+
+
+def set_up_and_fit(cfg: Config, args, dist_info: du.DistInfo, folder: RunFolder, preempt: du.PreemptionHandler) -> int:
+    """Builds the run (model, data, optimizer), resumes it when there is a checkpoint, then trains it."""
+    if folder.removed:
+        get_logger().info(
+            f"Removed {len(folder.removed)} temporary file(s) of saves cut off: {', '.join(folder.removed)}"
+        )
     configure_torch(cfg, dist_info.rank)
-    saved, resume_path = find_resume(cfg, args.resume, folder)  # before anything heavy: a wrong folder fails fast
+    # Before anything heavy: a wrong folder or a changed experiment fails fast.
+    saved, resume_path = find_resume(cfg, args.resume, folder, dist_info.world_size, args.allow_changes)
     if saved is not None and cfg.train.init_from:
         get_logger().info(f"train.init_from is ignored: resuming from {resume_path}.")
     model, ema = build_model_for_training(cfg, dist_info, cfg.train.init_from if saved is None else None)
@@ -143,12 +168,14 @@ def run(cfg: Config, args, dist_info: du.DistInfo) -> int:
         ctx, eval_model = build_train_context(cfg, dist_info, model, ema, steps)
         pos = Position()
         if saved is not None:
-            pos = restore(saved, resume_path, cfg, ctx, dist_info, steps)
+            pos = restore(saved, resume_path, cfg, ctx, dist_info, steps, args.allow_changes)
             if dist_info.is_main:
                 folder.log.truncate_after(pos.epoch)
+                folder.repair(saved, resume_path, cfg.train.save_every)
         tb = TensorBoard(folder.path / "tb", enabled=cfg.log.tensorboard and dist_info.is_main)
-        preempt = du.PreemptionHandler(dist_info.device, cfg.dist.signal_check_every)
-        saver = Checkpointer(cfg, folder, dist_info, ctx, classes=loaders.class_names)
+        saver = Checkpointer(cfg, folder, dist_info, ctx, steps, classes=loaders.class_names)
+        if saved is not None:
+            saver.resumed_from(Position(saved["epoch"], saved["step_in_epoch"]))
         r = Run(cfg, dist_info, folder, ctx, loaders, eval_model, steps, tb, preempt, saver)
         if dist_info.is_main:
             announce(r)
@@ -163,7 +190,7 @@ def run(cfg: Config, args, dist_info: du.DistInfo) -> int:
 def announce(r: Run) -> None:
     """Rank 0: saves the resolved config and logs the run's shape (and a recipe-size warning)."""
     cfg, log = r.cfg, get_logger()
-    (r.folder.path / "config.yaml").write_text(cfg.dump())
+    ck.write_text_atomic(r.folder.path / "config.yaml", cfg.dump())
     log.info("Resolved config (also in config.yaml):\n" + cfg.dump().rstrip())
     params = sum(p.numel() for p in r.ctx.model.parameters())
     world, batch, accum = r.dist_info.world_size, cfg.data.batch_size, cfg.optim.accum_steps
@@ -189,35 +216,67 @@ def announce(r: Run) -> None:
 
 
 def fit(r: Run, pos: Position) -> int:
-    """The epoch loop: train, evaluate, checkpoint, log; stops early on preemption or a non-finite loss."""
-    cfg, folder, log = r.cfg, r.folder, get_logger()
-    folder.status("running", epoch=pos.epoch, output_dir=str(folder.path))
+    """Trains to the end, or until preemption (exit 75) or a failure (exit 1); ``status.json`` says which."""
+    r.folder.status("running", epoch=pos.epoch, output_dir=str(r.folder.path))
     try:
-        with r.preempt:
-            for epoch in range(pos.epoch, cfg.sched.epochs):
-                t0 = time.perf_counter()
-                metrics, stopped_at = train_one_epoch(r, epoch, pos)
-                if stopped_at is not None:
-                    log.info(f"Preempted: checkpoint written at epoch {epoch}, step {stopped_at}; exiting.")
-                    folder.status("preempted", epoch=epoch, step=stopped_at, output_dir=str(folder.path))
-                    return du.EXIT_PREEMPTED
-                record = end_of_epoch(r, metrics, epoch, pos)
-                pos.epoch, pos.step = epoch + 1, 0
-                r.saver.save(epoch + 1, 0, pos, improved=record["best_epoch"] == epoch + 1)
-                if r.dist_info.is_main:
-                    folder.log.write({**record, "epoch_time": time.perf_counter() - t0})
-                    r.tb.scalars({k: v for k, v in record.items() if k != "epoch"}, epoch + 1, "epoch/")
-                    r.tb.flush()
-                    log.info(epoch_line(cfg, record))
-                if epoch + 1 < cfg.sched.epochs and r.preempt.should_stop(0, force_sync=True):
-                    log.info(f"Preempted at the end of epoch {epoch + 1}; checkpoint written; exiting.")
-                    folder.status("preempted", epoch=epoch + 1, step=0, output_dir=str(folder.path))
-                    return du.EXIT_PREEMPTED
+        return train_epochs(r, pos)
     except NonFiniteLossError as e:
-        log.error(str(e))
-        folder.status("failed", reason="non-finite loss", message=str(e))
-        return 1
+        return failed(
+            r,
+            "non-finite loss",
+            f"{e} The checkpoint on disk, {r.saver.describe_last()}, is the last good one (every save checks "
+            f"the state first).",
+        )
+    except UnsafeStateError as e:
+        return failed(r, "diverged", str(e))
+    except CheckpointWriteError as e:
+        return failed(r, "checkpoint not written", str(e))
+    except BaseException as e:
+        r.folder.status("failed", reason=type(e).__name__, message=str(e), output_dir=str(r.folder.path))
+        raise
+
+
+def failed(r: Run, reason: str, message: str) -> int:
+    get_logger().error(message)
+    r.folder.status("failed", reason=reason, message=message, output_dir=str(r.folder.path))
+    return 1
+
+
+def preempted(r: Run, epoch: int, step: int) -> int:
+    get_logger().info(
+        f"Stopped by {r.preempt.signal_name}: checkpoint written at epoch {epoch}, step {step}; exiting with status "
+        f"{du.EXIT_PREEMPTED}. Run the same command to resume."
+    )
+    r.folder.status("preempted", epoch=epoch, step=step, output_dir=str(r.folder.path))
+    return du.EXIT_PREEMPTED
+
+
+def train_epochs(r: Run, pos: Position) -> int:
+    """The epoch loop: train, evaluate, checkpoint, log; returns 0 at the end, 75 when stopped by a signal.
+
+    An epoch's writes come in this order: last.pth (the commit point), best.pth, its log.jsonl line, and
+    summary.json once the run ends; engine/run_folder.py repairs what a kill between them left undone.
+    """
+    cfg, folder, log = r.cfg, r.folder, get_logger()
+    for epoch in range(pos.epoch, cfg.sched.epochs):
+        t0 = time.perf_counter()
+        metrics, stopped_at = train_one_epoch(r, epoch, pos)
+        if stopped_at is not None:
+            return preempted(r, epoch, stopped_at)
+        record = end_of_epoch(r, metrics, epoch, pos)
+        record["epoch_time"] = time.perf_counter() - t0
+        pos.epoch, pos.step = epoch + 1, 0
+        r.saver.save(epoch + 1, 0, pos, record=record)
+        if r.dist_info.is_main:
+            folder.log.write(record)
+            faults.at("epoch:logged")
+            r.tb.scalars({k: v for k, v in record.items() if k != "epoch"}, epoch + 1, "epoch/")
+            r.tb.flush()
+            log.info(epoch_line(cfg, record))
+        if epoch + 1 < cfg.sched.epochs and r.preempt.should_stop(0, force_sync=True):
+            return preempted(r, epoch + 1, 0)
     summary = folder.summarize(pos.best_top1, pos.best_epoch)
+    faults.at("run:summary")
     last = summary["last_top1"] if summary["last_top1"] is not None else float("nan")
     log.info(f"Done. best top1 {pos.best_top1:.2f} (epoch {pos.best_epoch}), last top1 {last:.2f}")
     folder.status("completed", **summary)
@@ -251,12 +310,12 @@ def train_one_epoch(r: Run, epoch: int, pos: Position) -> tuple[dict[str, float]
             else:
                 progress.update(step)
             # Every dist.signal_check_every updates one all-reduce tells every rank whether any rank was
-            # signalled (SIGTERM/SIGUSR1) and whether rank 0's clock calls for a timed checkpoint, so all
-            # ranks stop or save at this same step (and the save holds every rank's RNG state).
+            # signalled (SIGTERM/SIGINT/SIGUSR1) and whether rank 0's clock calls for a timed checkpoint, so
+            # all ranks stop or save at this same step (and the save holds every rank's RNG state).
             if out["updated"] and step < steps and r.preempt.is_check_step(ctx.global_update):
                 stop, save = r.preempt.agree(save_due=r.saver.timed_save_due())
                 if stop or save:
-                    check_finite(ctx, epoch, step)  # never checkpoint weights that diverged
+                    check_finite(ctx, epoch, step)  # never checkpoint weights that diverged (save checks more)
                     r.saver.save(epoch, step, pos)
                 if stop:
                     return epoch_metrics(ctx), step

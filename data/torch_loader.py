@@ -21,8 +21,11 @@ of the validation counts), so the loader raises :class:`~data.folder.DataLoadErr
 
 from __future__ import annotations
 
+import ctypes
+import multiprocessing
 import os
 import random
+import signal
 from collections.abc import Iterator
 from typing import Any
 
@@ -175,8 +178,39 @@ def _no_collate(item):
     return item
 
 
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with_parent() -> None:
+    """Linux: the kernel SIGKILLs this worker the moment the process that forked it dies (PR_SET_PDEATHSIG).
+
+    Elsewhere, or when the worker was not forked by the trainer itself (a forkserver), torch's own
+    watchdog ends it within seconds of the trainer's death.
+    """
+    parent = multiprocessing.parent_process()
+    if parent is None or parent.pid != os.getppid():
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent.pid:  # the trainer died before prctl took effect: no death signal will come
+        os._exit(0)
+
+
 def _worker_init(_worker_id: int) -> None:
+    """Runs in each worker process before it loads anything.
+
+    Launchers stop a job by signalling whole process groups (``timeout``, torchrun's shutdown, SLURM),
+    which reaches the workers too. They ignore SIGTERM, SIGINT and SIGUSR1, so that the trainer can
+    finish its step and write its checkpoint with its workers still serving it; they end with the trainer
+    (:func:`_die_with_parent`, and the loader's shutdown).
+    """
     torch.set_num_threads(1)  # PIL work; keep torch's intra-op pool from oversubscribing the cores
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+    _die_with_parent()
 
 
 def _make_loader(dataset: FolderBatches, keys: _Keys, data_cfg: Any, device: torch.device) -> DataLoader:

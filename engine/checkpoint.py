@@ -4,15 +4,18 @@ A checkpoint is a plain dict of tensors and Python primitives, so it loads with
 ``torch.load(weights_only=True)`` (no pickled code is ever executed)::
 
     model, ema, optimizer, scaler        state dicts (ema/scaler may be None)
-    epoch, step_in_epoch, global_step    where training stands: resume continues from here
+    epoch, step_in_epoch, global_update  where training stands: resume continues from here
     best_top1, best_epoch, meters        bookkeeping, so a resumed run logs what an unbroken one would
-    rng                                  Python, NumPy, torch CPU and CUDA generator states
+    record                               the epoch's log.jsonl line (end-of-epoch checkpoints; else None)
+    rng                                  Python, NumPy, torch CPU and CUDA generator states, one per rank
+    world_size, steps_per_epoch          the run's shape, checked on resume
     config                               the resolved config (a nested dict), enough to rebuild the model
     classes                              class folder names in label order (None: synthetic data, or older files)
     git_rev, versions                    provenance
 
-Writes go to a temporary file in the same folder, are flushed to disk, then renamed over the target
-(``os.replace`` is atomic on POSIX), so a crash or a kill mid-write leaves the previous file intact.
+Writes go to a temporary file ``.<name>.<random>.tmp`` in the same folder, are flushed to disk, then
+renamed over the target (``os.replace`` is atomic on POSIX), so a crash or a kill mid-write leaves the
+previous file intact, plus a temporary file that the next run removes (:func:`temporary_files`).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from engine import faults
 from engine.errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -134,13 +138,21 @@ def _lists_to_tuples(obj):
 # ----------------------------------------------------------------------------------------------------
 
 
+TEMP_SUFFIX = ".tmp"  # temporary files are ".<target name>.<random>.tmp" next to their target
+
+
+def temporary_files(folder: str | os.PathLike) -> list[Path]:
+    """The temporary files that interrupted atomic writes into ``folder`` left behind."""
+    return sorted(p for p in Path(folder).glob(f".*{TEMP_SUFFIX}") if p.is_file())
+
+
 def _replace_atomically(path: Path, write: Callable[[str], None]) -> Path:
     """Runs ``write(tmp)`` on a temporary file next to ``path``, then renames it over ``path`` (atomic on POSIX).
 
     The temporary file is removed on any failure, so ``path`` is either the old file or the complete new one.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
@@ -152,21 +164,70 @@ def _replace_atomically(path: Path, write: Callable[[str], None]) -> Path:
     return path
 
 
+def _fsynced(tmp: str, target: Path, write_to: Callable[[Any], None]) -> None:
+    """Writes ``tmp`` with ``write_to(file)`` and flushes it to disk (the data is there before any rename)."""
+    with open(tmp, "wb") as f:
+        write_to(f)
+        faults.at(f"write:{target.name}", tmp)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def save_atomic(obj: dict[str, Any], path: str | os.PathLike) -> Path:
     """Writes ``obj`` with torch.save to ``path`` through a temporary file and an atomic rename."""
+    path = Path(path)
+    return _replace_atomically(path, lambda tmp: _fsynced(tmp, path, lambda f: torch.save(obj, f)))
 
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
 
-    return _replace_atomically(Path(path), write)
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Replaces a small text file (status.json, summary.json, ...) atomically: readers never see half of it."""
+    path = Path(path)
+    return _replace_atomically(path, lambda tmp: _fsynced(tmp, path, lambda f: f.write(text.encode())))
 
 
 def copy_atomic(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
-    """Copies a finished checkpoint (e.g. last.pth to best.pth) with the same atomic guarantee."""
-    return _replace_atomically(Path(dst), lambda tmp: shutil.copyfile(src, tmp))
+    """Copies a finished checkpoint with the same atomic guarantee (data flushed to disk before the rename)."""
+
+    dst = Path(dst)
+
+    def write(tmp: str) -> None:
+        with open(src, "rb") as fsrc:
+            _fsynced(tmp, dst, lambda f: shutil.copyfileobj(fsrc, f, 16 << 20))
+
+    return _replace_atomically(dst, write)
+
+
+def link_atomic(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """Makes ``dst`` the same file as the finished ``src`` (a hard link renamed over ``dst``: instant, atomic).
+
+    Falls back to :func:`copy_atomic` on filesystems without hard links. ``src`` can later be replaced
+    (``last.pth`` is, at every save) without touching ``dst``.
+    """
+    dst = Path(dst)
+    tmp = dst.parent / f".{dst.name}.{os.urandom(4).hex()}{TEMP_SUFFIX}"
+    try:
+        os.link(src, tmp)
+    except OSError:
+        return copy_atomic(src, dst)
+    try:
+        os.replace(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(dst.parent)
+    return dst
+
+
+def same_checkpoint(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """True when ``b`` holds the same training point as ``a`` (the same file, or epoch/step/update equal)."""
+    try:
+        if os.path.samefile(a, b):
+            return True
+        x, y = (torch.load(p, map_location="cpu", weights_only=True, mmap=True) for p in (a, b))
+    except (OSError, RuntimeError, ValueError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile):
+        return False
+    keys = ("epoch", "step_in_epoch", "global_update")
+    return isinstance(y, dict) and all(x.get(k) == y.get(k) for k in keys)
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from engine.errors import UserError
 
-# Exit status of a run stopped by SIGTERM/SIGUSR1 after writing its checkpoint: EX_TEMPFAIL from
+# Exit status of a run stopped by SIGTERM/SIGINT/SIGUSR1 after writing its checkpoint: EX_TEMPFAIL from
 # sysexits.h ("temporary failure; the user is invited to retry"). The SLURM script requeues on it.
 EXIT_PREEMPTED = 75
 
@@ -142,6 +142,15 @@ def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def broadcast_from_main(obj):
+    """Rank 0's ``obj`` (a small picklable value, e.g. an error message or None) on every rank (collective)."""
+    if not is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 @torch.no_grad()
 def distribute_norm_stats(model: torch.nn.Module, mode: str = "reduce") -> None:
     """Makes running statistics identical on every rank (before evaluation and checkpointing).
@@ -185,16 +194,21 @@ def ranks_consistent(module: torch.nn.Module) -> bool:
 
 
 class PreemptionHandler:
-    """Catches SIGTERM and SIGUSR1 and lets all ranks agree to stop, or to checkpoint, at the same step.
+    """Catches SIGTERM, SIGINT and SIGUSR1 and lets all ranks agree to stop, or to checkpoint, at the same step.
 
     The handler only sets a local flag. Every ``check_every`` optimizer steps (:meth:`is_check_step`) the
     loop calls :meth:`agree`: one small all-reduce (MAX) of [this rank was signalled, this rank asks for a
     timed checkpoint]. So if any rank was signalled, every rank stops at the same step boundary, writes
     its part of the checkpoint and exits with :data:`EXIT_PREEMPTED`; and when rank 0's clock says a
     timed checkpoint is due, every rank saves at the same step (the save gathers every rank's RNG state).
+
+    Launchers signal whole process groups (``timeout``, torchrun's shutdown, SLURM), so the data loader's
+    worker processes get the signal too; they ignore it (``data/torch_loader.py``) and end with the
+    trainer. Launchers may deliver a signal twice (to torchrun and from it): every one means "checkpoint
+    and stop"; to stop at once without a checkpoint, send SIGQUIT (Ctrl-\\) or SIGKILL.
     """
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
     def __init__(self, device: torch.device, check_every: int = 10):
         self.device = device
@@ -216,7 +230,19 @@ class PreemptionHandler:
         self._previous.clear()
 
     def _handle(self, signum, frame) -> None:
+        if self.received is None:
+            try:  # a plain write: the logging module is not reentrant
+                os.write(
+                    2,
+                    f"{signal.Signals(signum).name} received: stopping with a checkpoint at the next check.\n".encode(),
+                )
+            except OSError:
+                pass
         self.received = signum
+
+    @property
+    def signal_name(self) -> str:
+        return signal.Signals(self.received).name if self.received is not None else "a signal on another rank"
 
     def is_check_step(self, update: int) -> bool:
         """True every ``check_every`` optimizer steps: the steps at which :meth:`agree` is called."""

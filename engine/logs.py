@@ -8,12 +8,14 @@ prefixed with their rank, so a failure on any rank is still visible in the job l
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import resource
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,33 +23,62 @@ import torch
 from torch import nn
 
 import an
+from engine.checkpoint import write_text_atomic
 
 LOGGER_NAME = "an"
 
 
-def setup_logging(rank: int = 0, output_dir: str | Path | None = None) -> logging.Logger:
-    """Configures the framework's logger: INFO on rank 0 (also to output_dir/train.log), WARNING elsewhere."""
-    logger = logging.getLogger(LOGGER_NAME)
-    logger.handlers.clear()
-    logger.propagate = False
-    logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+class _CurrentStdout(logging.StreamHandler):
+    """A console handler that writes to whatever ``sys.stdout`` is at the time of each record (a notebook or a
+    test harness may swap it), rather than to the stream that was current when the handler was made."""
+
+    def __init__(self):
+        super().__init__()
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, _value):
+        pass
+
+
+# Library modules (an/, data/, models/) log under their own names; a run routes them through its handlers.
+LIBRARY_LOGGERS = (LOGGER_NAME, "data", "models")
+
+
+@contextlib.contextmanager
+def logging_to(rank: int = 0, output_dir: str | Path | None = None) -> Iterator[logging.Logger]:
+    """Configures the framework's loggers for one run and restores them afterwards.
+
+    Rank 0 logs INFO to stdout (and to ``output_dir/train.log``); other ranks log warnings and errors only,
+    prefixed with their rank. On exit the run's handlers are closed and every logger gets back its earlier
+    handlers, level and propagation, so calling ``train.main`` from Python (a notebook, a test) leaves the
+    caller's logging as it was.
+    """
+    loggers = [logging.getLogger(name) for name in LIBRARY_LOGGERS]
+    saved = [(lg, list(lg.handlers), lg.level, lg.propagate) for lg in loggers]
     prefix = "" if rank == 0 else f"[rank {rank}] "
-    fmt = logging.Formatter(f"%(asctime)s {prefix}%(message)s", datefmt="%H:%M:%S")
-    console = logging.StreamHandler(sys.stdout)
-    console.setFormatter(fmt)
-    logger.addHandler(console)
+    console = _CurrentStdout()
+    console.setFormatter(logging.Formatter(f"%(asctime)s {prefix}%(message)s", datefmt="%H:%M:%S"))
+    handlers: list[logging.Handler] = [console]
     if rank == 0 and output_dir is not None:
         Path(output_dir).mkdir(parents=True, exist_ok=True)
         handler = logging.FileHandler(Path(output_dir) / "train.log")
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S"))
-        logger.addHandler(handler)
-    # Library modules (data/, an/) log under their own names; route them through the same handlers.
-    for name in ("data", "an", "models"):
-        lib = logging.getLogger(name)
-        lib.handlers = list(logger.handlers)
-        lib.setLevel(logger.level)
-        lib.propagate = False
-    return logger
+        handlers.append(handler)
+    for lg in loggers:
+        lg.handlers = list(handlers)
+        lg.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+        lg.propagate = False
+    try:
+        yield loggers[0]
+    finally:
+        for lg, old_handlers, level, propagate in saved:
+            lg.handlers, lg.level, lg.propagate = old_handlers, level, propagate
+        for handler in handlers:
+            handler.close()
 
 
 def get_logger() -> logging.Logger:
@@ -125,6 +156,18 @@ class JsonlWriter:
         with self.path.open("a") as f:
             f.write(json.dumps(clean) + "\n")
 
+    def records(self) -> list[dict[str, Any]]:
+        """The records written so far; a line cut off by a kill is skipped."""
+        if not self.path.exists():
+            return []
+        out = []
+        for line in self.path.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue
+        return out
+
     def truncate_after(self, completed_epochs: int) -> None:
         """On resume, drops lines of epochs after ``completed_epochs`` (logged after the checkpoint we resume from).
 
@@ -133,9 +176,10 @@ class JsonlWriter:
         """
         if not self.path.exists():
             return
-        lines = self.path.read_text().splitlines()
-        kept = [line for line in lines if line.strip() and json.loads(line)["epoch"] <= completed_epochs]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        text = self.path.read_text()
+        kept = "".join(json.dumps(r) + "\n" for r in self.records() if r.get("epoch", 0) <= completed_epochs)
+        if kept != text:
+            write_text_atomic(self.path, kept)
 
 
 class TensorBoard:

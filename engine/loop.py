@@ -65,6 +65,7 @@ class TrainContext:
     nonfinite: torch.Tensor | None = None  # device flag: set when any loss was not finite
     meters: dict[str, float] = field(default_factory=dict)  # running sums of the current epoch (resumable)
     loss_sum: torch.Tensor | None = None  # device accumulator of this epoch's loss (synced into meters on demand)
+    loss_peak: torch.Tensor | None = None  # device: largest loss since the last checkpoint (engine/health.py)
     step_end: float = 0.0  # perf_counter() when the previous step ended: the wait for the next batch is data time
 
     def sync_meters(self) -> dict[str, float]:
@@ -86,6 +87,8 @@ def begin_epoch(ctx: TrainContext, start_step: int) -> None:
     if ctx.nonfinite is None:
         ctx.nonfinite = torch.zeros((), dtype=torch.bool, device=ctx.device)
     ctx.loss_sum = torch.tensor(ctx.meters["loss_sum"], dtype=torch.float64, device=ctx.device)
+    if ctx.loss_peak is None:
+        ctx.loss_peak = torch.zeros((), dtype=torch.float32, device=ctx.device)
     ctx.step_end = time.perf_counter()
 
 
@@ -121,6 +124,7 @@ def train_step(ctx: TrainContext, images: torch.Tensor, target: torch.Tensor, st
     loss = loss.detach()
     ctx.nonfinite |= ~torch.isfinite(loss)
     ctx.loss_sum += loss
+    torch.maximum(ctx.loss_peak, loss.float(), out=ctx.loss_peak)  # NaN propagates
     if update:
         optimizer_step(ctx)
     ctx.meters["steps"] += 1
@@ -157,9 +161,8 @@ def check_finite(ctx: TrainContext, epoch: int, step: int) -> None:
         lr = ctx.optimizer.param_groups[0]["lr"]
         raise NonFiniteLossError(
             f"The training loss became non-finite (NaN or inf) in epoch {epoch}, before step {step} (LR {lr:.4g}). "
-            f"The run stopped without saving, so the last checkpoint on disk is still the last good one. Try a "
-            f"lower optim.lr or a longer sched.warmup_epochs, train.amp=bf16 instead of fp16, or "
-            f"optim.clip_grad (e.g. 5.0); then resume from the last checkpoint."
+            f"The run stopped without saving. Try a lower optim.lr or a longer sched.warmup_epochs, train.amp=bf16 "
+            f"instead of fp16, or optim.clip_grad (e.g. 5.0); then resume from the last checkpoint."
         )
 
 

@@ -1,4 +1,4 @@
-# Shared by scripts/train.sh and scripts/eval.sh (sourced, not run).
+# Shared by scripts/train.sh, scripts/eval.sh and scripts/slurm/train.sbatch (sourced, not run).
 
 # visible_gpus: the number of GPUs nvidia-smi lists, or 1 on a machine without GPUs (one CPU process).
 visible_gpus() {
@@ -8,3 +8,17 @@ visible_gpus() {
     echo 1
   fi
 }
+
+# run_state FILE: the "state" the trainer wrote into a status.json (running, preempted, completed, failed),
+# or nothing when the file is missing or empty. train.py writes it to $AN_STATUS_FILE as well as to the
+# run folder; the launch scripts read it because torchrun reports a preempted run (exit 75) as exit 1.
+run_state() {
+  [[ -s "$1" ]] || return 0
+  sed -n 's/^ *"state": *"\([a-z]*\)".*/\1/p' "$1" | head -n 1
+}
+
+# Signals torchrun passes on to the training processes (it dies of SIGUSR1 otherwise), and how long it waits
+# for them to checkpoint and exit before it SIGKILLs them (torchrun's default is 30 s). Versions of torchrun
+# older than these variables ignore them.
+export TORCHELASTIC_SIGNALS_TO_HANDLE=${TORCHELASTIC_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-120}

@@ -10,10 +10,14 @@
 # per-GPU batch is kept, so the global batch and the scaled LR follow the GPU count (train.py logs
 # both, and warns when they differ from the recipe's dist.recipe_gpus). Re-running the same command
 # resumes from OUTPUT_DIR/last.pth. Extra torchrun flags: TORCHRUN_ARGS="--max-restarts 3".
+#
+# Exit status: the trainer's, and 75 when a signal (SIGTERM, SIGINT, SIGUSR1; to this script or its whole
+# process group) stopped the run with a checkpoint: run the same command again to resume. torchrun
+# itself reports such a stop as 1; the script reads the trainer's status file instead.
 set -euo pipefail
 
 if [[ $# -lt 1 || "$1" == "-h" || "$1" == "--help" ]]; then
-  sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'
   exit 2
 fi
 config=$1
@@ -32,6 +36,26 @@ cpus=$(nproc)
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( cpus / gpus > 1 ? cpus / gpus / 2 : 1 ))}
 export PYTHONUNBUFFERED=1
 
+AN_STATUS_FILE=$(mktemp "${TMPDIR:-/tmp}/an-train-status.XXXXXX")
+export AN_STATUS_FILE
+trap 'rm -f "$AN_STATUS_FILE"' EXIT
+
 # shellcheck disable=SC2086
-exec torchrun --standalone --nnodes 1 --nproc_per_node "$gpus" ${TORCHRUN_ARGS:-} \
-  "$repo/train.py" --config "$config" "$@"
+torchrun --standalone --nnodes 1 --nproc_per_node "$gpus" ${TORCHRUN_ARGS:-} \
+  "$repo/train.py" --config "$config" "$@" &
+pid=$!
+# torchrun passes a SIGTERM/SIGINT on to the training processes, which checkpoint and exit 75. A signal sent
+# to the whole group reaches torchrun directly as well; a second delivery is harmless.
+trap 'kill -TERM "$pid" 2>/dev/null || true' TERM USR1
+trap 'kill -INT "$pid" 2>/dev/null || true' INT
+rc=0
+wait "$pid" || rc=$?
+while kill -0 "$pid" 2>/dev/null; do # `wait` returns early when a trapped signal arrives
+  rc=0
+  wait "$pid" || rc=$?
+done
+if [[ "$(run_state "$AN_STATUS_FILE")" == preempted ]]; then
+  echo "train.sh: the run stopped with a checkpoint (preempted); run the same command to resume." >&2
+  exit 75
+fi
+exit "$rc"

@@ -17,10 +17,14 @@ FAKE_SRUN = """#!/usr/bin/env bash
 # Stand-in for srun: records its arguments and launch environment, then behaves as FAKE_SRUN_MODE says.
 { printf '%s\\n' "$@"; echo "--ENV--"; echo "MASTER_ADDR=$MASTER_ADDR"; echo "MASTER_PORT=$MASTER_PORT";
   echo "OMP_NUM_THREADS=$OMP_NUM_THREADS"; } > "$RECORD_DIR/srun.args"
+# FAKE_STATE: the state the trainer's rank 0 writes into $AN_STATUS_FILE before the launcher exits.
+write_state() {
+  [[ -z "${FAKE_STATE:-}" ]] || printf '{\n "state": "%s",\n "time": "x"\n}\n' "$FAKE_STATE" > "$AN_STATUS_FILE"
+}
 case "${FAKE_SRUN_MODE:-exit}" in
-  exit) exit "${FAKE_SRUN_RC:-0}" ;;
+  exit) write_state; exit "${FAKE_SRUN_RC:-0}" ;;
   wait_for_term)
-    trap 'echo TERM >> "$RECORD_DIR/srun.signals"; exit 75' TERM
+    trap 'echo TERM >> "$RECORD_DIR/srun.signals"; write_state; exit "${FAKE_SRUN_RC:-75}"' TERM
     touch "$RECORD_DIR/srun.started"
     for _ in $(seq 1 300); do sleep 0.1; done
     exit 0 ;;
@@ -63,6 +67,7 @@ def fake_slurm(tmp_path):
         SLURM_CPUS_PER_TASK="32",
         SLURM_NTASKS_PER_NODE="1",
         SLURM_SUBMIT_DIR=str(REPO),
+        STATUS_FILE=str(tmp_path / "status.json"),
     )
     return env, tmp_path
 
@@ -144,6 +149,46 @@ def test_exit_status_75_requeues_and_failures_do_not(fake_slurm):
     assert result.returncode == 1 and not (tmp / "scontrol.log").exists()
     result = run_sbatch(env, "resnet50_an.yaml", FAKE_SRUN_RC="75", SLURM_RESTART_COUNT="3", MAX_REQUEUES="3")
     assert result.returncode == 75 and not (tmp / "scontrol.log").exists()
+
+
+@pytest.mark.parametrize(
+    ("state", "rc", "requeued"),
+    [
+        ("preempted", 1, True),  # torchrun reports a worker that exited 75 as a failure (exit 1)
+        ("preempted", 75, True),
+        ("failed", 1, False),
+        ("completed", 0, False),
+        ("running", 1, False),  # crashed without a checkpoint of its own: not a preemption
+    ],
+)
+def test_requeue_is_decided_from_the_trainers_status_file(fake_slurm, state, rc, requeued):
+    env, tmp = fake_slurm
+    (tmp / "status.json").write_text('{\n "state": "preempted"\n}\n')  # left by the previous start of the job
+    result = run_sbatch(env, "resnet50_an.yaml", FAKE_STATE=state, FAKE_SRUN_RC=str(rc))
+    assert (tmp / "scontrol.log").exists() == requeued, result.stdout + result.stderr
+    assert result.returncode == (0 if requeued else rc)
+    assert f"state {state}" in result.stdout
+    (tmp / "status.json").write_text('{\n "state": "preempted"\n}\n')
+    result = run_sbatch(env, "resnet50_an.yaml", FAKE_SRUN_RC="1")  # this start wrote nothing: a stale file is ignored
+    assert result.returncode == 1 and "state unknown" in result.stdout
+
+
+def test_a_run_that_failed_is_not_requeued_even_when_signalled(fake_slurm):
+    env, tmp = fake_slurm
+    proc = subprocess.Popen(
+        ["bash", str(SBATCH), "resnet50_an.yaml"],
+        env={**env, "FAKE_SRUN_MODE": "wait_for_term", "FAKE_STATE": "failed", "FAKE_SRUN_RC": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 20
+    while not (tmp / "srun.started").exists():
+        assert time.time() < deadline, "fake srun never started"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGUSR1)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 1 and not (tmp / "scontrol.log").exists(), out + err
 
 
 def test_time_limit_signal_is_forwarded_then_job_requeued(fake_slurm):

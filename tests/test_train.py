@@ -154,7 +154,7 @@ def test_finished_run_is_not_retrained_and_earlier_runs_are_not_overwritten(tmp_
         train.main(["--config", str(config), "train.auto_resume=false"])
     assert (run / "last.pth").read_bytes() == before
     other = tiny_config(tmp_path, name="other.yaml", model={"norm": "bn"})
-    with pytest.raises(ck.CheckpointError, match=r"trained with model.norm='an'.*another train.output_dir"):
+    with pytest.raises(ck.CheckpointError, match=r"model.norm 'an' -> 'bn'.*another train.output_dir"):
         train.main(["--config", str(other)])
 
 
