@@ -44,6 +44,7 @@ from an.registry import (
     unregister_norm,
 )
 from an.se import SqueezeExcite
+from an.standardize import BatchStandardize2d, GroupStandardize2d
 from an.switchable import SwitchableNorm2d, SyncSwitchableNorm2d
 from an.sync import convert_sync_norm
 
@@ -53,10 +54,12 @@ __all__ = [
     "AttentiveGroupNorm2d",
     "AttentiveNorm2d",
     "AttnEntry",
+    "BatchStandardize2d",
     "CompileAttentiveBatchNorm2d",
     "CompileAttentiveGroupNorm2d",
     "FusedAttentiveBatchNorm2d",
     "FusedAttentiveGroupNorm2d",
+    "GroupStandardize2d",
     "IEBatchNorm2d",
     "MixtureAttention",
     "NormEntry",
