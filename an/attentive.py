@@ -37,7 +37,7 @@ from an.functional import (
     standardize_affine,
     unbias_factor,
 )
-from an.standardize import BatchStandardize2d, GroupStandardize2d
+from an.standardize import BatchStandardize2d, GroupStandardize2d, StandardizedAffine
 
 __all__ = [
     "ATTENTION_MODES",
@@ -113,7 +113,7 @@ class MixtureAttention(nn.Module):
         return f"{self.num_features}, k={self.k}, mode={self.mode!r}"
 
 
-class AttentiveNorm2d(nn.Module):
+class AttentiveNorm2d(StandardizedAffine, nn.Module):
     """Attentive Normalization around any affine-free standardizer (use the two subclasses below).
 
     Submodules and parameters (names are part of the checkpoint format):
@@ -213,8 +213,7 @@ class AttentiveNorm2d(nn.Module):
         lam = self.attention(mean, var * unbias_factor(xf))
         scale = lam @ self.mixture_weight.to(lam.dtype)
         shift = lam @ self.mixture_bias.to(lam.dtype)
-        y = self.norm(xf) * scale[:, :, None, None] + shift[:, :, None, None]
-        return y.to(x.dtype)
+        return self._standardize_affine(xf, scale, shift).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, k={self.k}, attention={self.attention.mode!r}"

@@ -18,12 +18,12 @@ import torch
 from torch import Tensor, nn
 
 from an.functional import channel_stats, compute_dtype, fp32_region, plain_ops, standardize_affine
-from an.standardize import BatchStandardize2d
+from an.standardize import BatchStandardize2d, StandardizedAffine
 
 __all__ = ["IEBatchNorm2d"]
 
 
-class IEBatchNorm2d(nn.Module):
+class IEBatchNorm2d(StandardizedAffine, nn.Module):
     """IEBN (factory name ``'iebn'``).
 
     Parameters: ``weight``/``bias`` (C; gamma/beta), ``gate_weight``/``gate_bias`` (C; a and b).
@@ -90,8 +90,8 @@ class IEBatchNorm2d(nn.Module):
         mean = xf.mean(dim=[2, 3])
         gate = torch.sigmoid(self.gate_weight.to(xf.dtype) * mean + self.gate_bias.to(xf.dtype))
         scale = self.weight.to(xf.dtype) * gate
-        y = self.norm(xf) * scale[:, :, None, None] + self.bias.to(xf.dtype)[None, :, None, None]
-        return y.to(x.dtype)
+        shift = self.bias.to(xf.dtype).expand_as(scale)
+        return self._standardize_affine(xf, scale, shift).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.num_features}"

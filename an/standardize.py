@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-__all__ = ["BatchStandardize2d", "GroupStandardize2d"]
+__all__ = ["BatchStandardize2d", "GroupStandardize2d", "StandardizedAffine"]
 
 
 class BatchStandardize2d(_BatchNorm):
@@ -79,3 +79,25 @@ class GroupStandardize2d(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine=False"
+
+
+class StandardizedAffine:
+    """Mixin of the layers that own a standardizer ``self.norm``: its ``norm(x) * scale + shift`` in plain ops.
+
+    Used by the layers' ``forward_plain`` (TorchScript, tracing, export). In eval mode a standardizer with running
+    statistics (ours, ``nn.BatchNorm2d``, ``nn.SyncBatchNorm``) is a constant per-channel affine, folded into
+    ``scale``/``shift``: one multiply-add per element, as in the eager path, instead of a BatchNorm pass followed by
+    the affine (which a traced or exported graph, e.g. in ONNX Runtime, would otherwise run). A method rather than a
+    function because TorchScript cannot pass a module to a function; it resolves ``hasattr`` when compiling.
+    """
+
+    def _standardize_affine(self, x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+        """``self.norm(x) * scale + shift`` with per-(n, c) ``scale``/``shift`` of shape (N, C)."""
+        if not self.training:  # noqa: SIM102  (TorchScript needs hasattr in its own if)
+            if hasattr(self.norm, "running_var"):
+                rm, rv = self.norm.running_mean, self.norm.running_var
+                if rm is not None and rv is not None:
+                    a = scale * torch.rsqrt(rv.to(scale.dtype) + self.norm.eps)
+                    b = shift - rm.to(scale.dtype) * a
+                    return x * a[:, :, None, None] + b[:, :, None, None]
+        return self.norm(x) * scale[:, :, None, None] + shift[:, :, None, None]

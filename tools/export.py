@@ -17,7 +17,9 @@ mode and exported for inputs of shape (batch, channels, img_size, img_size) with
 Then the written file is loaded back (ONNX with onnxruntime, an optional dependency: ``pip install onnxruntime``)
 and run on a random batch of another size than the one exported with; its output must match the PyTorch model's
 within ``--tolerance`` of the largest output magnitude. One JSON line reports the format, the method, the error and
-the verdict; the exit status is 0 when the check passes, 1 when it fails, 2 for a usage error or a missing package.
+the verdict (``--time-runs N`` adds the median time per check batch of the file and of the eager PyTorch model, on
+the CPU with ``torch.get_num_threads()`` threads); the exit status is 0 when the check passes, 1 when it fails, 2
+for a usage error or a missing package.
 """
 
 from __future__ import annotations
@@ -129,18 +131,37 @@ def export(
     return f"onnx-{onnx_exporter}"
 
 
-def run_exported(fmt: str, path: str | Path, x: torch.Tensor) -> torch.Tensor:
-    """Loads the written file and runs it on ``x`` (ONNX: with onnxruntime on the CPU)."""
+def load_exported(fmt: str, path: str | Path, threads: int | None = None):
+    """The written file as a callable ``f(x) -> Tensor`` (ONNX: an onnxruntime session on the CPU)."""
     if fmt == "torchscript":
-        with torch.no_grad():
-            return torch.jit.load(str(path), map_location=x.device)(x)
+        return torch.jit.load(str(path), map_location="cpu")
     if fmt == "exported":
-        with torch.no_grad():
-            return torch.export.load(str(path)).module()(x)
+        return torch.export.load(str(path)).module()
     ort = _require("onnxruntime", "Checking an ONNX file")
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    (y,) = session.run(None, {session.get_inputs()[0].name: x.detach().cpu().numpy()})
-    return torch.from_numpy(y)
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return lambda x: torch.from_numpy(session.run(None, {name: x.detach().cpu().numpy()})[0])
+
+
+def run_exported(fmt: str, path: str | Path, x: torch.Tensor) -> torch.Tensor:
+    """Loads the written file and runs it on ``x``."""
+    with torch.no_grad():
+        return load_exported(fmt, path)(x)
+
+
+def median_seconds(fn, x: torch.Tensor, runs: int) -> float:
+    """Median wall time of ``fn(x)`` over ``runs`` calls, after one warm-up call."""
+    times = []
+    with torch.no_grad():
+        fn(x)
+        for _ in range(runs):
+            start = time.perf_counter()
+            fn(x)
+            times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
 
 
 def compare(ref: torch.Tensor, got: torch.Tensor) -> dict[str, float]:
@@ -170,6 +191,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset")
     p.add_argument("--tolerance", type=float, default=1e-4, help="largest error, relative to the largest output")
     p.add_argument("--no-check", action="store_true", help="write the file without the numerical check")
+    p.add_argument("--time-runs", type=int, default=0, help="also time the file and PyTorch on the check batch (CPU)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -212,6 +234,12 @@ def main(argv: list[str] | None = None) -> int:
             record.update(compare(ref, run_exported(args.format, args.out, x)), check_batch=x.shape[0])
             ok = record["rel_err"] <= args.tolerance
             record["ok"] = ok
+            if args.time_runs > 0:
+                threads = torch.get_num_threads()
+                loaded = load_exported(args.format, args.out, threads)
+                record["ms_per_batch"] = round(1e3 * median_seconds(loaded, x, args.time_runs), 2)
+                record["pytorch_ms_per_batch"] = round(1e3 * median_seconds(model, x, args.time_runs), 2)
+                record["threads"] = threads
     except (ExportError, ConfigError, ck.CheckpointError) as e:
         print(f"Error: {e}", file=sys.stderr)
         return EXIT_ERROR
