@@ -18,7 +18,9 @@ Public interface (other packages rely on these names):
   :class:`SwitchableNorm2d`, :class:`SyncSwitchableNorm2d` (``an/switchable.py``), :class:`IEBatchNorm2d`,
   :class:`SqueezeExcite`; the same AN layers with fused kernels or for torch.compile:
   :class:`FusedAttentiveBatchNorm2d`, :class:`FusedAttentiveGroupNorm2d`, :class:`CompileAttentiveBatchNorm2d`,
-  :class:`CompileAttentiveGroupNorm2d` (``an/fused.py``; chosen by ``create_norm(..., impl=...)``).
+  :class:`CompileAttentiveGroupNorm2d` (``an/fused.py``; chosen by ``create_norm(..., impl=...)``); the
+  standardizers inside AN and IEBN, :class:`BatchStandardize2d`, :class:`GroupStandardize2d`
+  (``an/standardize.py``); :class:`NormAct2d`, a norm with timm's norm+act interface (``an/norm_act.py``).
 """
 
 from an import factory  # registers the built-in norms and attention layers
