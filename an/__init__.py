@@ -7,17 +7,26 @@ Public interface (other packages rely on these names):
   :func:`registered_norm` (add your own); the attention-layer registry: :func:`create_attn`,
   :func:`get_attn_layer`, :func:`list_attns`, :func:`register_attn`. The built-in entries are registered in
   ``an/factory.py``.
+- :func:`convert_norms`: put any registered norm into any model (torchvision, timm, yours) in place of its
+  BatchNorm layers, at the paper's positions or where you say (``an/convert.py``); :func:`get_norm_layer` /
+  :func:`get_norm_act_layer` also serve as ``norm_layer=`` of torchvision's and timm's builders.
+- :func:`fx_leaf_modules`: this package's norm classes, to keep them as single nodes in a ``torch.fx`` trace
+  (``an/deploy.py``; they also trace through).
 - :func:`convert_sync_norm`: SyncBN conversion that keeps AN, SN and IEBN whole (``an/sync.py``).
 - :func:`param_groups`, :func:`zero_init_`: weight-decay groups and zero-init policy (``an/policy.py``).
 - Layer classes: :class:`AttentiveBatchNorm2d`, :class:`AttentiveGroupNorm2d` (``an/attentive.py``),
   :class:`SwitchableNorm2d`, :class:`SyncSwitchableNorm2d` (``an/switchable.py``), :class:`IEBatchNorm2d`,
   :class:`SqueezeExcite`; the same AN layers with fused kernels or for torch.compile:
   :class:`FusedAttentiveBatchNorm2d`, :class:`FusedAttentiveGroupNorm2d`, :class:`CompileAttentiveBatchNorm2d`,
-  :class:`CompileAttentiveGroupNorm2d` (``an/fused.py``; chosen by ``create_norm(..., impl=...)``).
+  :class:`CompileAttentiveGroupNorm2d` (``an/fused.py``; chosen by ``create_norm(..., impl=...)``); the
+  standardizers inside AN and IEBN, :class:`BatchStandardize2d`, :class:`GroupStandardize2d`
+  (``an/standardize.py``); :class:`NormAct2d`, a norm with timm's norm+act interface (``an/norm_act.py``).
 """
 
 from an import factory  # registers the built-in norms and attention layers
 from an.attentive import ATTENTION_MODES, AttentiveBatchNorm2d, AttentiveGroupNorm2d, AttentiveNorm2d, MixtureAttention
+from an.convert import NormConversion, convert_norms
+from an.deploy import fx_leaf_modules
 from an.fused import (
     CompileAttentiveBatchNorm2d,
     CompileAttentiveGroupNorm2d,
@@ -25,14 +34,17 @@ from an.fused import (
     FusedAttentiveGroupNorm2d,
 )
 from an.iebn import IEBatchNorm2d
+from an.norm_act import NormAct2d
 from an.policy import param_groups, zero_init_
 from an.registry import (
     AttnEntry,
     NormEntry,
     attn_entry,
+    build_norm_layer,
     create_attn,
     create_norm,
     get_attn_layer,
+    get_norm_act_layer,
     get_norm_layer,
     list_attns,
     list_norms,
@@ -44,6 +56,7 @@ from an.registry import (
     unregister_norm,
 )
 from an.se import SqueezeExcite
+from an.standardize import BatchStandardize2d, GroupStandardize2d
 from an.switchable import SwitchableNorm2d, SyncSwitchableNorm2d
 from an.sync import convert_sync_norm
 
@@ -53,22 +66,30 @@ __all__ = [
     "AttentiveGroupNorm2d",
     "AttentiveNorm2d",
     "AttnEntry",
+    "BatchStandardize2d",
     "CompileAttentiveBatchNorm2d",
     "CompileAttentiveGroupNorm2d",
     "FusedAttentiveBatchNorm2d",
     "FusedAttentiveGroupNorm2d",
+    "GroupStandardize2d",
     "IEBatchNorm2d",
     "MixtureAttention",
+    "NormAct2d",
+    "NormConversion",
     "NormEntry",
     "SqueezeExcite",
     "SwitchableNorm2d",
     "SyncSwitchableNorm2d",
     "attn_entry",
+    "build_norm_layer",
+    "convert_norms",
     "convert_sync_norm",
     "create_attn",
     "create_norm",
     "factory",
+    "fx_leaf_modules",
     "get_attn_layer",
+    "get_norm_act_layer",
     "get_norm_layer",
     "list_attns",
     "list_norms",

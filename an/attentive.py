@@ -27,7 +27,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from an.checks import check_choice, check_int
-from an.functional import channel_stats, compute_dtype, fp32_region, hw_unbiased, mixture_affine, standardize_affine
+from an.functional import (
+    channel_stats,
+    compute_dtype,
+    fp32_region,
+    hw_unbiased,
+    mixture_affine,
+    plain_ops,
+    standardize_affine,
+    unbias_factor,
+)
+from an.standardize import BatchStandardize2d, GroupStandardize2d, StandardizedAffine
 
 __all__ = [
     "ATTENTION_MODES",
@@ -59,13 +69,21 @@ class MixtureAttention(nn.Module):
         eps: Added to the variance in the descriptor (1e-3 in the reference code).
     """
 
-    def __init__(self, num_features: int, k: int = DEFAULT_K, mode: str = DEFAULT_ATTENTION, eps: float = 1e-3) -> None:
+    def __init__(
+        self,
+        num_features: int,
+        k: int = DEFAULT_K,
+        mode: str = DEFAULT_ATTENTION,
+        eps: float = 1e-3,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
         self.num_features, self.eps = num_features, eps
         self.k = check_int("AttentiveNorm", "k (number of mixture components)", k)
         self.mode = check_choice("AttentiveNorm", "attention", mode, ATTENTION_MODES)
-        self.conv = nn.Conv2d(num_features, k, kernel_size=1, bias=False)
-        self.bn = nn.BatchNorm2d(k)  # BN over the K logits (they are viewed as (N, K, 1, 1))
+        self.conv = nn.Conv2d(num_features, k, kernel_size=1, bias=False, device=device, dtype=dtype)
+        self.bn = nn.BatchNorm2d(k, device=device, dtype=dtype)  # BN over the K logits, viewed as (N, K, 1, 1)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -95,33 +113,54 @@ class MixtureAttention(nn.Module):
         return f"{self.num_features}, k={self.k}, mode={self.mode!r}"
 
 
-class AttentiveNorm2d(nn.Module):
+class AttentiveNorm2d(StandardizedAffine, nn.Module):
     """Attentive Normalization around any affine-free standardizer (use the two subclasses below).
 
     Submodules and parameters (names are part of the checkpoint format):
 
-    - ``norm``: the standardizer (``nn.BatchNorm2d`` / ``nn.GroupNorm`` without affine).
+    - ``norm``: the standardizer (:class:`~an.standardize.BatchStandardize2d` /
+      :class:`~an.standardize.GroupStandardize2d`: affine-free BN / GN that builders' init loops leave alone).
     - ``attention``: :class:`MixtureAttention`; its output is ``lam`` (N, K).
     - ``mixture_weight`` (K, C): Gamma, init N(1, 0.1^2). ``mixture_bias`` (K, C): B, init N(0, 0.1^2).
 
     Parameter count: 2KC (Gamma, B) + KC (attention conv) + 2K (attention-BN affine).
+
+    ``weight`` and ``bias`` are None: AN has no per-channel affine (its affine is the K x C mixture), so model
+    init code that tests ``norm.weight is not None`` before touching it (torchvision's ``zero_init_residual``,
+    timm's ``zero_init_last``) leaves AN alone; zero-init AN with :func:`an.zero_init_`.
+
+    The forward runs one of two formulations of the same function: the eager one (one statistics pass, one output
+    pass, custom autograd; :mod:`an.functional`) and, when the layer is compiled by TorchScript, traced by
+    ``torch.jit.trace`` or ``torch.fx``, or exported by ``torch.export``, plain differentiable torch ops
+    (:meth:`forward_plain`).
 
     Args:
         num_features: Channels C.
         norm: The standardizer module.
         k: Number of mixture components K.
         attention: Attention activation, one of ``ATTENTION_MODES``.
+        device: Device of the parameters and buffers.
+        dtype: Dtype of the floating-point parameters and buffers.
     """
 
+    weight: None = None
+    bias: None = None
+
     def __init__(
-        self, num_features: int, norm: nn.Module, k: int = DEFAULT_K, attention: str = DEFAULT_ATTENTION
+        self,
+        num_features: int,
+        norm: nn.Module,
+        k: int = DEFAULT_K,
+        attention: str = DEFAULT_ATTENTION,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         self.num_features = num_features
         self.norm = norm
-        self.attention = MixtureAttention(num_features, k, attention)
-        self.mixture_weight = nn.Parameter(torch.empty(k, num_features))
-        self.mixture_bias = nn.Parameter(torch.empty(k, num_features))
+        self.attention = MixtureAttention(num_features, k, attention, device=device, dtype=dtype)
+        self.mixture_weight = nn.Parameter(torch.empty(k, num_features, device=device, dtype=dtype))
+        self.mixture_bias = nn.Parameter(torch.empty(k, num_features, device=device, dtype=dtype))
         self.reset_mixture()
 
     @property
@@ -148,6 +187,10 @@ class AttentiveNorm2d(nn.Module):
         self.mixture_bias.zero_()
 
     def forward(self, x: Tensor) -> Tensor:
+        if torch.jit.is_scripting():
+            return self.forward_plain(x)
+        if plain_ops():
+            return self.forward_plain(x)
         if x.dim() != 4:
             raise ValueError(f"{type(self).__name__}: expected a 4-D input (N, C, H, W), got shape {tuple(x.shape)}")
         with fp32_region(x):
@@ -157,6 +200,20 @@ class AttentiveNorm2d(nn.Module):
             scale, shift = mixture_affine(lam, self.mixture_weight, self.mixture_bias)
             y = standardize_affine(self.norm, xf, mean, var, scale, shift)
         return y.to(x.dtype)
+
+    def forward_plain(self, x: Tensor) -> Tensor:
+        """The forward in plain differentiable torch ops: what TorchScript, ``torch.jit.trace``, ``torch.fx`` and
+        ``torch.export`` see (no custom autograd Function, no autocast switching, no Python-side checks).
+
+        Statistics and mixture run in float32 for float16/bfloat16 inputs; the output has the input's dtype.
+        H*W enters as a tensor, so traced and exported graphs stay valid at other input sizes.
+        """
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))  # float32 or float64
+        var, mean = torch.var_mean(xf, dim=[2, 3], correction=0)
+        lam = self.attention(mean, var * unbias_factor(xf))
+        scale = lam @ self.mixture_weight.to(lam.dtype)
+        shift = lam @ self.mixture_bias.to(lam.dtype)
+        return self._standardize_affine(xf, scale, shift).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, k={self.k}, attention={self.attention.mode!r}"
@@ -171,6 +228,8 @@ class AttentiveBatchNorm2d(AttentiveNorm2d):
         attention: ``'hsigmoid'`` (default), ``'sigmoid'`` or ``'softmax'``.
         eps: Epsilon of the standardizer BN.
         momentum: Momentum of the standardizer BN and of the attention BN (None = cumulative average).
+        device: Device of the parameters and buffers.
+        dtype: Dtype of the floating-point parameters and buffers.
     """
 
     def __init__(
@@ -180,8 +239,11 @@ class AttentiveBatchNorm2d(AttentiveNorm2d):
         attention: str = DEFAULT_ATTENTION,
         eps: float = 1e-5,
         momentum: float | None = 0.1,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__(num_features, nn.BatchNorm2d(num_features, eps, momentum, affine=False), k, attention)
+        norm = BatchStandardize2d(num_features, eps, momentum, device=device, dtype=dtype)
+        super().__init__(num_features, norm, k, attention, device=device, dtype=dtype)
         self.attention.bn.momentum = momentum
 
 
@@ -197,6 +259,8 @@ class AttentiveGroupNorm2d(AttentiveNorm2d):
         groups: GroupNorm groups (default 32).
         eps: Epsilon of the GroupNorm.
         momentum: Momentum of the attention BN.
+        device: Device of the parameters and buffers.
+        dtype: Dtype of the floating-point parameters and buffers.
     """
 
     def __init__(
@@ -207,9 +271,12 @@ class AttentiveGroupNorm2d(AttentiveNorm2d):
         groups: int = DEFAULT_GROUPS,
         eps: float = 1e-5,
         momentum: float | None = 0.1,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         check_groups("AttentiveGroupNorm", num_features, groups)
-        super().__init__(num_features, nn.GroupNorm(groups, num_features, eps, affine=False), k, attention)
+        norm = GroupStandardize2d(groups, num_features, eps)
+        super().__init__(num_features, norm, k, attention, device=device, dtype=dtype)
         self.attention.bn.momentum = momentum
 
 

@@ -14,10 +14,15 @@ twice as fast as letting autograd differentiate ``var_mean`` and a broadcast ``a
 are split further (see ``SPLIT_KERNEL_DEVICES``).
 
 :func:`standardize_affine` is the composition point: given the layer's standardizer submodule, it either
-takes the fast path (an exact ``nn.BatchNorm2d`` / ``nn.GroupNorm`` without affine: statistics folded into
-``scale``/``shift``, running statistics updated exactly as ``nn.BatchNorm2d`` would) or calls the submodule
-(anything else, e.g. the ``nn.SyncBatchNorm`` that :func:`an.convert_sync_norm` puts there) and applies the
-affine to its output. Note that forward hooks on the standardizer only fire on the second path.
+takes the fast path (an exact :class:`~an.standardize.BatchStandardize2d` / :class:`~an.standardize.GroupStandardize2d`,
+or an affine-free ``nn.BatchNorm2d`` / ``nn.GroupNorm``: statistics folded into ``scale``/``shift``, running
+statistics updated exactly as ``nn.BatchNorm2d`` would) or calls the submodule (anything else, e.g. the
+``nn.SyncBatchNorm`` that :func:`an.convert_sync_norm` puts there) and applies the affine to its output. Note that
+forward hooks on the standardizer only fire on the second path.
+
+:func:`plain_ops` says when a layer must use its plain-op formulation instead (TorchScript, ``torch.jit.trace``,
+``torch.fx`` symbolic tracing, ``torch.export``): custom autograd Functions cannot be saved by TorchScript, and
+symbolic tracers cannot follow Python-side shape checks.
 """
 
 from __future__ import annotations
@@ -27,7 +32,16 @@ import contextlib
 import torch
 from torch import Tensor, nn
 
+from an.standardize import BatchStandardize2d, GroupStandardize2d
+
+try:
+    from torch.fx._symbolic_trace import is_fx_symbolic_tracing as _fx_tracing
+except ImportError:  # pragma: no cover  (older torch: the flag is also set by torch.export, which is checked first)
+    from torch.fx._symbolic_trace import is_fx_tracing as _fx_tracing
+
 __all__ = [
+    "BN_STANDARDIZERS",
+    "GN_STANDARDIZERS",
     "centered_affine",
     "channel_affine",
     "channel_stats",
@@ -35,9 +49,31 @@ __all__ = [
     "fp32_region",
     "hw_unbiased",
     "mixture_affine",
+    "plain_ops",
     "standardize_affine",
     "standardizer_stats",
+    "unbias_factor",
 ]
+
+# Standardizer types the fast paths handle (when affine-free): ours, and torch's for hand-built layers.
+BN_STANDARDIZERS = (BatchStandardize2d, nn.BatchNorm2d)
+GN_STANDARDIZERS = (GroupStandardize2d, nn.GroupNorm)
+
+
+def plain_ops() -> bool:
+    """Whether the caller is being traced or exported (``torch.jit.trace``, ``torch.fx``, ``torch.export``), so a
+    layer must run its plain-op formulation. False in eager mode and under ``torch.compile`` (which follows the
+    eager formulation). TorchScript is detected by the layers themselves (``torch.jit.is_scripting()``)."""
+    if torch.compiler.is_compiling():
+        return torch.compiler.is_exporting()
+    return torch.jit.is_tracing() or _fx_tracing()
+
+
+def unbias_factor(x: Tensor) -> Tensor:
+    """``H*W / (H*W - 1)`` of a 4-D tensor as a 0-d tensor (1 when H*W == 1), computed from x by tensor ops, so
+    that a traced or exported graph computes it for the size it is given rather than the size it was traced at."""
+    hw = torch.ones_like(x[:1, :1]).sum()
+    return hw / (hw - 1).clamp(min=1)
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:
@@ -149,7 +185,7 @@ def mixture_affine(lam: Tensor, weight: Tensor, bias: Tensor) -> tuple[Tensor, T
     return lam @ weight.to(lam.dtype), lam @ bias.to(lam.dtype)
 
 
-def _bn_stats(bn: nn.BatchNorm2d, x: Tensor, mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
+def _bn_stats(bn: nn.Module, x: Tensor, mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
     """Per-channel (mean, biased var) that ``bn`` would normalize with; updates its buffers as BN does."""
     factor = 0.0
     if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
@@ -170,7 +206,7 @@ def _bn_stats(bn: nn.BatchNorm2d, x: Tensor, mean: Tensor, var: Tensor) -> tuple
     return mu, sigma2
 
 
-def _gn_stats(gn: nn.GroupNorm, mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
+def _gn_stats(gn: nn.Module, mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
     """Per-(n, c) (mean, biased var) of the group each channel belongs to."""
     n, c = mean.shape
     m = mean.view(n, gn.num_groups, c // gn.num_groups)
@@ -180,7 +216,8 @@ def _gn_stats(gn: nn.GroupNorm, mean: Tensor, var: Tensor) -> tuple[Tensor, Tens
 
 
 def standardizer_stats(norm: nn.Module, x: Tensor, mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
-    """(mean, biased variance) that an exact affine-free ``nn.BatchNorm2d`` / ``nn.GroupNorm`` normalizes with.
+    """(mean, biased variance) that an affine-free BN / GN standardizer (``BN_STANDARDIZERS``, ``GN_STANDARDIZERS``)
+    normalizes with.
 
     BatchNorm: per channel (C,), batch or running statistics as ``norm.training`` says, updating the running
     statistics exactly as ``nn.BatchNorm2d`` does. GroupNorm: per (n, c), each channel's group statistics.
@@ -191,7 +228,7 @@ def standardizer_stats(norm: nn.Module, x: Tensor, mean: Tensor, var: Tensor) ->
         mean: ``channel_stats(x)[0]``.
         var: ``channel_stats(x)[1]``.
     """
-    if isinstance(norm, nn.GroupNorm):
+    if isinstance(norm, GN_STANDARDIZERS):
         return _gn_stats(norm, mean, var)
     return _bn_stats(norm, x, mean, var)
 
@@ -213,7 +250,8 @@ def standardize_affine(norm: nn.Module, x: Tensor, mean: Tensor, var: Tensor, sc
     """``norm(x) * scale + shift`` with per-(n, c) ``scale``/``shift``, reusing x's per-(n, c) statistics.
 
     Args:
-        norm: The standardizer (normally an affine-free ``nn.BatchNorm2d`` or ``nn.GroupNorm``).
+        norm: The standardizer (normally a :class:`~an.standardize.BatchStandardize2d` or
+            :class:`~an.standardize.GroupStandardize2d`).
         x: Input (N, C, H, W) in the compute dtype.
         mean: ``channel_stats(x)[0]``.
         var: ``channel_stats(x)[1]``.
@@ -221,10 +259,10 @@ def standardize_affine(norm: nn.Module, x: Tensor, mean: Tensor, var: Tensor, sc
         shift: Per-(n, c) shift, shape (N, C).
     """
     kind = type(norm)
-    if kind is nn.BatchNorm2d and not norm.affine:
+    if kind in BN_STANDARDIZERS and not norm.affine:
         mu, sigma2 = _bn_stats(norm, x, mean, var)
         a = scale * torch.rsqrt(sigma2 + norm.eps)
-    elif kind is nn.GroupNorm and not norm.affine:
+    elif kind in GN_STANDARDIZERS and not norm.affine:
         mu, sigma2 = _gn_stats(norm, mean, var)
         a = scale * torch.rsqrt(sigma2 + norm.eps)
     else:  # generic composition: e.g. nn.SyncBatchNorm after convert_sync_norm

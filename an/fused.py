@@ -39,7 +39,8 @@ accumulation in float32, output in the input dtype, as the reference under autoc
 (``impl='compile'``) is the formulation meant for ``torch.compile`` instead (plain differentiable torch ops).
 
 Both kinds fall back to the reference forward when the standardizer or the attention BN is not an exact
-``nn.BatchNorm2d`` / ``nn.GroupNorm`` (e.g. the ``nn.SyncBatchNorm`` put there by :func:`an.convert_sync_norm`,
+affine-free BN / GN standardizer (``an.functional.BN_STANDARDIZERS`` / ``GN_STANDARDIZERS``; e.g. the
+``nn.SyncBatchNorm`` put there by :func:`an.convert_sync_norm`,
 whose statistics span ranks). Parameters, buffers and the state_dict are the reference classes' (subclasses).
 """
 
@@ -55,7 +56,16 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from an.attentive import ATTENTION_MODES, AttentiveBatchNorm2d, AttentiveGroupNorm2d, AttentiveNorm2d
-from an.functional import centered_affine, compute_dtype, fp32_region, hw_unbiased, mixture_affine
+from an.functional import (
+    BN_STANDARDIZERS,
+    GN_STANDARDIZERS,
+    centered_affine,
+    compute_dtype,
+    fp32_region,
+    hw_unbiased,
+    mixture_affine,
+    plain_ops,
+)
 
 __all__ = [
     "COMPILE_NORMS",
@@ -97,7 +107,7 @@ def _dense(x: Tensor) -> tuple[Tensor, bool]:
 def _fusable(layer: AttentiveNorm2d) -> bool:
     """Exact affine-free BN/GN standardizer and a plain BN in the attention (not, e.g., SyncBatchNorm)."""
     return (
-        type(layer.norm) in (nn.BatchNorm2d, nn.GroupNorm)
+        type(layer.norm) in (*BN_STANDARDIZERS, *GN_STANDARDIZERS)
         and not layer.norm.affine
         and type(layer.attention.bn) is nn.BatchNorm2d
     )
@@ -733,7 +743,7 @@ def _group_size(layer: AttentiveNorm2d) -> int | None:
     tensors = [*layer.parameters(), att.bn.running_mean, att.bn.running_var]
     if not (att.bn.affine and att.bn.track_running_stats and att.eps == EPS_ATTENTION):
         return None
-    if type(norm) is nn.BatchNorm2d:
+    if type(norm) in BN_STANDARDIZERS:
         if not norm.track_running_stats or norm.running_mean is None:
             return None
         tensors += [norm.running_mean, norm.running_var]
@@ -913,16 +923,25 @@ def _compile_forward(layer: AttentiveNorm2d, x: Tensor) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------------- layers
+@torch.compiler.disable
+def _fused_forward_eager(layer: AttentiveNorm2d, x: Tensor) -> Tensor:
+    """The fused forward, hidden from torch.compile (a compiled model runs it eagerly)."""
+    return _fused_forward(layer, x)
+
+
 class _FusedMixin:
-    """Swaps the forward of an AN class for the fused one; everything else (state) is the reference's."""
+    """Swaps the forward of an AN class for the fused one; everything else (state) is the reference's.
+
+    TorchScript, tracing and export get the reference's plain-op formulation (``forward_plain``)."""
 
     kernels: str = "auto"  # 'auto' | 'triton' | 'torch' (instance attribute to override)
 
-    @torch.compiler.disable
     def forward(self, x: Tensor) -> Tensor:
-        if x.dim() != 4 or not _fusable(self):
+        if torch.jit.is_scripting():
+            return self.forward_plain(x)
+        if plain_ops() or x.dim() != 4 or not _fusable(self):
             return super().forward(x)
-        return _fused_forward(self, x)
+        return _fused_forward_eager(self, x)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, impl='fused'"
@@ -932,7 +951,9 @@ class _CompileMixin:
     """Swaps the forward of an AN class for plain differentiable torch ops (for ``torch.compile``)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dim() != 4 or not _fusable(self):
+        if torch.jit.is_scripting():
+            return self.forward_plain(x)
+        if plain_ops() or x.dim() != 4 or not _fusable(self):
             return super().forward(x)
         return _compile_forward(self, x)
 

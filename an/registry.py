@@ -21,10 +21,19 @@ Adding a norm::
 
 Names are case-insensitive and ``-`` equals ``_``. The keywords a name accepts are its builder's keyword
 parameters; anything else is a ``TypeError`` that lists them.
+
+**Other frameworks' builders.** :func:`get_norm_layer` returns a ``functools.partial`` of the plain function
+:func:`build_norm_layer` with keywords only, which is what timm's ``get_norm_layer`` / ``create_norm_layer``
+accept (timm unbinds a partial's keywords and rebinds them; positional arguments would be lost) and what
+torchvision's ``norm_layer`` calls. It takes the ``device`` / ``dtype`` keywords timm passes, and timm's
+norm+act keywords (``apply_act``, ``act_layer``, ``act_kwargs``, ``inplace``, ``drop_layer``): given any of those
+it returns an :class:`~an.norm_act.NormAct2d`. :func:`get_norm_act_layer` binds the activation, which timm's
+EfficientNet-style builders need (timm passes no activation to a function-type norm+act layer).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 from collections.abc import Callable, Iterator
@@ -32,17 +41,21 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, TypeVar
 
+import torch
 from torch import nn
 
 from an.checks import check_int, did_you_mean
+from an.norm_act import NormAct2d, create_act
 
 __all__ = [
     "AttnEntry",
     "NormEntry",
     "attn_entry",
+    "build_norm_layer",
     "create_attn",
     "create_norm",
     "get_attn_layer",
+    "get_norm_act_layer",
     "get_norm_layer",
     "list_attns",
     "list_norms",
@@ -221,12 +234,21 @@ def norm_entry(name: str) -> NormEntry:
     return _NORMS.get(name)
 
 
-def create_norm(name: str, num_features: int, **kwargs) -> nn.Module:
+def create_norm(
+    name: str,
+    num_features: int,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    **kwargs,
+) -> nn.Module:
     """Builds a normalization layer by name.
 
     Args:
         name: One of :func:`list_norms` (case-insensitive, ``-`` accepted for ``_``).
         num_features: Channels C.
+        device: Device to build the layer on (e.g. ``'meta'``); default: the current default device.
+        dtype: Floating-point dtype of its parameters and buffers; default: the current default dtype.
         **kwargs: The name's options (see ``norm_entry(name).options``).
 
     Raises:
@@ -236,13 +258,91 @@ def create_norm(name: str, num_features: int, **kwargs) -> nn.Module:
     entry = norm_entry(name)
     entry.check_keywords(kwargs)
     check_int(f"norm '{entry.name}'", "num_features", num_features)
-    return entry.builder(num_features, **kwargs)
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        layer = entry.builder(num_features, **kwargs)
+    return layer.to(dtype=dtype) if dtype is not None else layer
 
 
-def get_norm_layer(name: str | Builder, **bound_kwargs) -> Callable[[int], nn.Module]:
-    """A constructor taking ``num_features``, with ``bound_kwargs`` bound (for backbones' ``norm_layer``).
+# timm's norm+act keywords (its BatchNormAct2d signature); any of them makes build_norm_layer return a NormAct2d.
+NORM_ACT_KEYWORDS = ("apply_act", "act_layer", "act_kwargs", "inplace", "drop_layer")
+_UNSET: Any = object()
 
-    Names and keyword names are checked now; values when a layer is built. A callable is returned as a partial.
+
+def build_norm_layer(
+    num_features: int,
+    *,
+    norm: str | Builder,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    apply_act: bool = _UNSET,
+    act_layer: Any = _UNSET,
+    act_kwargs: dict[str, Any] | None = None,
+    inplace: bool = _UNSET,
+    drop_layer: Callable[[], nn.Module] | None = None,
+    **kwargs,
+) -> nn.Module:
+    """The function behind :func:`get_norm_layer` / :func:`get_norm_act_layer`: one norm layer, or a norm+act.
+
+    Args:
+        num_features: Channels C.
+        norm: A registered norm name, or a callable ``norm(num_features, **kwargs)``.
+        device: Device to build on.
+        dtype: Floating-point dtype.
+        apply_act: timm's norm+act flag: False gives no activation (default True when norm+act).
+        act_layer: Activation class, factory or torch.nn activation name; None for none.
+        act_kwargs: Keyword arguments of the activation.
+        inplace: In-place activation (default True).
+        drop_layer: A drop-module constructor applied between norm and activation (timm's DropBlock).
+        **kwargs: Options of the norm.
+
+    Returns:
+        The norm layer; a :class:`~an.norm_act.NormAct2d` when any norm+act keyword is given.
+
+    Raises:
+        TypeError: Called as a norm+act layer (as timm's EfficientNet-style builders do) without an activation
+            bound; use :func:`get_norm_act_layer`.
+    """
+    if callable(norm):
+        dd = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
+        layer = norm(num_features, **dd, **kwargs)
+    else:
+        layer = create_norm(norm, num_features, device=device, dtype=dtype, **kwargs)
+    given = {"apply_act": apply_act, "act_layer": act_layer, "inplace": inplace}
+    if all(v is _UNSET for v in given.values()) and act_kwargs is None and drop_layer is None:
+        return layer
+    apply_act = True if apply_act is _UNSET else apply_act
+    if apply_act and act_layer is _UNSET:
+        what = norm if isinstance(norm, str) else getattr(norm, "__name__", repr(norm))
+        passed = ", ".join(k for k, v in given.items() if v is not _UNSET) or "drop_layer"
+        raise TypeError(
+            f"norm '{what}' was called as a norm+act layer (with {passed}), "
+            "as timm's EfficientNet/MobileNetV3 builders do, but no activation is bound and timm passes none to a "
+            f"function. Pass norm_layer=an.get_norm_act_layer('{what}', act_layer=torch.nn.SiLU) (the model's "
+            "activation), or build the model with BatchNorm and convert it with an.convert_norms, which keeps "
+            "each layer's own activation."
+        )
+    act = create_act(act_layer if apply_act else None, act_kwargs, True if inplace is _UNSET else inplace)
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        drop = drop_layer() if drop_layer is not None else None
+    return NormAct2d(layer, act, drop)
+
+
+def _check_bound(name: str | Builder, bound: dict[str, Any]) -> str | Builder:
+    """The registry name of ``name`` (callables pass), after checking the norm options among ``bound``."""
+    if callable(name):
+        return name
+    entry = norm_entry(name)
+    entry.check_keywords({k: v for k, v in bound.items() if k not in (*NORM_ACT_KEYWORDS, "device", "dtype")})
+    return entry.name
+
+
+def get_norm_layer(name: str | Builder, **bound_kwargs) -> Callable[..., nn.Module]:
+    """A constructor taking ``num_features``, with ``bound_kwargs`` bound: a backbone's ``norm_layer``.
+
+    Works as ``norm_layer=`` of our backbones, torchvision's (``resnet50(norm_layer=...)``) and timm's
+    (``timm.create_model('resnet50', norm_layer=...)``, ``timm.layers.create_norm_layer``): it is a keywords-only
+    ``functools.partial`` of :func:`build_norm_layer`, and accepts ``device``/``dtype``. Names and keyword names
+    are checked now; values when a layer is built. A callable is returned as a partial.
 
     Example:
         >>> norm_layer = get_norm_layer("an", k=20)
@@ -250,9 +350,28 @@ def get_norm_layer(name: str | Builder, **bound_kwargs) -> Callable[[int], nn.Mo
     """
     if callable(name):
         return functools.partial(name, **bound_kwargs) if bound_kwargs else name
-    entry = norm_entry(name)
-    entry.check_keywords(bound_kwargs)
-    return functools.partial(create_norm, entry.name, **bound_kwargs)
+    return functools.partial(build_norm_layer, norm=_check_bound(name, bound_kwargs), **bound_kwargs)
+
+
+def get_norm_act_layer(name: str | Builder, act_layer: Any, **bound_kwargs) -> Callable[..., nn.Module]:
+    """A norm+act constructor in timm's ``BatchNormAct2d`` convention, for timm's ``norm_layer`` of
+    EfficientNet/MobileNet-style models (which call ``norm_act_layer(C, apply_act=..., inplace=..., ...)``).
+
+    Args:
+        name: A registered norm name (or a callable norm constructor).
+        act_layer: The activation where the model applies one (class, factory or torch.nn activation name,
+            e.g. ``torch.nn.SiLU`` for EfficientNet); None for none. timm does not pass its own activation to a
+            function-type layer, so models that mix activations (MobileNetV3) get this one everywhere: convert
+            those with :func:`an.convert_norms` instead.
+        **bound_kwargs: Options of the norm (and ``act_kwargs``, ``drop_layer``).
+
+    Example:
+        >>> norm_act = get_norm_act_layer("an", act_layer=nn.SiLU, k=5)
+        >>> layer = norm_act(32, inplace=True)        # AN then SiLU
+        >>> layer = norm_act(32, apply_act=False)     # AN alone (inside a NormAct2d)
+    """
+    norm = _check_bound(name, bound_kwargs)
+    return functools.partial(build_norm_layer, norm=norm, act_layer=act_layer, **bound_kwargs)
 
 
 # ------------------------------------------------------------------------------------------------ attention

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from an.functional import channel_affine, channel_stats, compute_dtype, fp32_region
+from an.functional import channel_affine, channel_stats, compute_dtype, fp32_region, plain_ops
 
 __all__ = ["SwitchableNorm2d", "SyncSwitchableNorm2d"]
 
@@ -40,18 +40,28 @@ class SwitchableNorm2d(nn.Module):
         num_features: Channels C.
         eps: Added to the mixed variance.
         momentum: Momentum of the BN-part running statistics (None = cumulative average).
+        device: Device of the parameters and buffers.
+        dtype: Dtype of the floating-point parameters and buffers.
     """
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1) -> None:
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
         self.num_features, self.eps, self.momentum = num_features, eps, momentum
-        self.weight = nn.Parameter(torch.empty(num_features))
-        self.bias = nn.Parameter(torch.empty(num_features))
-        self.mean_weight = nn.Parameter(torch.empty(3))
-        self.var_weight = nn.Parameter(torch.empty(3))
-        self.register_buffer("running_mean", torch.zeros(num_features))
-        self.register_buffer("running_var", torch.ones(num_features))
-        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+        dd = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty(num_features, **dd))
+        self.bias = nn.Parameter(torch.empty(num_features, **dd))
+        self.mean_weight = nn.Parameter(torch.empty(3, **dd))
+        self.var_weight = nn.Parameter(torch.empty(3, **dd))
+        self.register_buffer("running_mean", torch.zeros(num_features, **dd))
+        self.register_buffer("running_var", torch.ones(num_features, **dd))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
         self.reset_parameters()
 
     def reset_running_stats(self) -> None:
@@ -85,6 +95,10 @@ class SwitchableNorm2d(nn.Module):
         return mu, var.mean(0) + (mean - mu).square().mean(0), count
 
     def forward(self, x: Tensor) -> Tensor:
+        if torch.jit.is_scripting():
+            return self.forward_plain(x)
+        if plain_ops():
+            return self.forward_plain(x)
         if x.dim() != 4:
             raise ValueError(f"{type(self).__name__}: expected a 4-D input (N, C, H, W), got shape {tuple(x.shape)}")
         with fp32_region(x):
@@ -103,6 +117,36 @@ class SwitchableNorm2d(nn.Module):
             scale = self.weight.to(xf.dtype) * torch.rsqrt(var + self.eps)
             y = channel_affine(xf, scale, self.bias.to(xf.dtype) - mean * scale)
         return y.to(x.dtype)
+
+    def forward_plain(self, x: Tensor) -> Tensor:
+        """The forward in plain differentiable torch ops (TorchScript, ``torch.jit.trace``, ``torch.fx``,
+        ``torch.export``); float32 statistics for float16/bfloat16 inputs. The BN part uses this process's batch
+        (also in :class:`SyncSwitchableNorm2d`: synchronisation is an eager-mode feature)."""
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))  # float32 or float64
+        var_in, mean_in = torch.var_mean(xf, dim=[2, 3], correction=0)
+        mean_ln = mean_in.mean(1, keepdim=True)
+        var_ln = var_in.mean(1, keepdim=True) + (mean_in - mean_ln).square().mean(1, keepdim=True)
+        if self.training:
+            mean_bn = mean_in.mean(0)
+            var_bn = var_in.mean(0) + (mean_in - mean_bn).square().mean(0)
+            count = xf.shape[0] * xf.shape[2] * xf.shape[3]
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                factor = self.momentum
+                if factor is None:
+                    factor = 1.0 / float(self.num_batches_tracked)
+                self.running_mean.lerp_(mean_bn.to(self.running_mean.dtype), factor)
+                unbiased = var_bn * (count / (count - 1))  # count > 1 in training, as BatchNorm requires
+                self.running_var.lerp_(unbiased.to(self.running_var.dtype), factor)
+        else:
+            mean_bn, var_bn = self.running_mean.to(xf.dtype), self.running_var.to(xf.dtype)
+        wm = torch.softmax(self.mean_weight.to(xf.dtype), 0)
+        wv = torch.softmax(self.var_weight.to(xf.dtype), 0)
+        mean = wm[0] * mean_in + wm[1] * mean_ln + wm[2] * mean_bn
+        var = wv[0] * var_in + wv[1] * var_ln + wv[2] * var_bn
+        scale = self.weight.to(xf.dtype) * torch.rsqrt(var + self.eps)
+        shift = self.bias.to(xf.dtype) - mean * scale
+        return (xf * scale[:, :, None, None] + shift[:, :, None, None]).to(x.dtype)
 
     @torch.no_grad()
     def _update_running(self, mean: Tensor, var: Tensor, count: Tensor | int) -> None:
@@ -136,8 +180,10 @@ class SyncSwitchableNorm2d(SwitchableNorm2d):
         eps: float = 1e-5,
         momentum: float | None = 0.1,
         process_group: dist.ProcessGroup | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__(num_features, eps, momentum)
+        super().__init__(num_features, eps, momentum, device=device, dtype=dtype)
         self.process_group = process_group
 
     @classmethod

@@ -5,10 +5,13 @@
 extra parameters and its forward (this is how the legacy AN, a BatchNorm2d subclass, lost its mixture), and a
 norm that is not a ``_BatchNorm`` (SN) keeps computing its BN statistics per rank. :func:`convert_sync_norm`:
 
-- plain ``nn.BatchNorm{1,2,3}d`` -> ``nn.SyncBatchNorm`` (same as torch), wherever they are, including the
-  standardizer and attention BN inside AN and the standardizer inside IEBN (those modules stay intact and
-  call their submodules, see :func:`an.functional.standardize_affine`);
+- plain ``nn.BatchNorm{1,2,3}d`` and the affine-free :class:`~an.standardize.BatchStandardize2d` ->
+  ``nn.SyncBatchNorm`` (same as torch), wherever they are, including the standardizer and attention BN inside
+  AN and the standardizer inside IEBN (those modules stay intact and call their submodules, see
+  :func:`an.functional.standardize_affine`);
 - ``SwitchableNorm2d`` -> ``SyncSwitchableNorm2d`` sharing the same parameter and buffer tensors;
+- timm's ``BatchNormAct2d`` -> timm's ``SyncBatchNormAct`` (timm's own converter: same tensors, activation
+  and drop kept);
 - any other ``_BatchNorm`` subclass -> TypeError, instead of a silent loss of whatever it adds.
 
 Parameter names, shapes and count are unchanged. ``nn.SyncBatchNorm`` only runs on accelerators when
@@ -21,11 +24,17 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from an.standardize import BatchStandardize2d
 from an.switchable import SwitchableNorm2d, SyncSwitchableNorm2d
 
 __all__ = ["convert_sync_norm"]
 
-_PLAIN_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_PLAIN_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, BatchStandardize2d)
+
+
+def _is_timm_norm_act(module: nn.Module) -> bool:
+    kind = type(module)
+    return kind.__name__ == "BatchNormAct2d" and kind.__module__.startswith("timm.")
 
 
 def convert_sync_norm(module: nn.Module, process_group: dist.ProcessGroup | None = None) -> nn.Module:
@@ -45,6 +54,10 @@ def convert_sync_norm(module: nn.Module, process_group: dist.ProcessGroup | None
         return module
     if type(module) is SwitchableNorm2d:
         return SyncSwitchableNorm2d.from_switchable(module, process_group)
+    if _is_timm_norm_act(module):
+        from timm.layers.norm_act import convert_sync_batchnorm  # the layer's own package: timm is installed
+
+        return convert_sync_batchnorm(module, process_group)
     if isinstance(module, _BatchNorm):
         if type(module) not in _PLAIN_BN:
             raise TypeError(

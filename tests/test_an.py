@@ -52,7 +52,7 @@ def naive_an(layer: an.AttentiveNorm2d, x: torch.Tensor, training: bool) -> torc
         lam = torch.exp(t) / torch.exp(t).sum(dim=1, keepdim=True)
     # Standardization.
     norm = layer.norm
-    if isinstance(norm, nn.GroupNorm):
+    if hasattr(norm, "num_groups"):  # GN standardizer
         g = norm.num_groups
         xg = x.reshape(n, g, -1)
         mu_g = xg.mean(dim=2, keepdim=True)
@@ -122,7 +122,11 @@ def test_factory_types_and_defaults():
     assert an.create_norm("gn", 48, groups=16).num_groups == 16
     layer = an.create_norm("an", 64)
     assert type(layer) is an.AttentiveBatchNorm2d and layer.k == 10 and layer.attention.mode == "hsigmoid"
-    assert isinstance(layer.norm, nn.BatchNorm2d) and not layer.norm.affine
+    # The standardizer is affine-free BN, but not an nn.BatchNorm2d (builders' init loops set .weight of those).
+    assert type(layer.norm) is an.BatchStandardize2d and not layer.norm.affine
+    angn_norm = an.create_norm("an_gn", 64).norm
+    assert not isinstance(layer.norm, nn.BatchNorm2d) and not isinstance(angn_norm, nn.GroupNorm)
+    assert type(angn_norm) is an.GroupStandardize2d and not angn_norm.affine
     assert layer.norm.eps == 1e-5 and layer.norm.momentum == 0.1 and layer.attention.bn.momentum == 0.1
     assert an.create_norm("AN", 8, k=3, attention="softmax").attention.mode == "softmax"
     angn = an.create_norm("an-gn", 64, k=4, groups=16)
@@ -192,7 +196,9 @@ def test_an_init_and_parameter_count():
     assert abs(big.mixture_bias.mean().item()) < 0.01 and abs(big.mixture_bias.std().item() - 0.1) < 0.01
     # Kaiming normal, fan_out, ReLU gain: std sqrt(2 / K).
     assert abs(big.attention.conv.weight.std().item() - (2 / 20) ** 0.5) < 0.02
-    assert not hasattr(big, "weight")  # generic `.weight` tools must not half-apply to the K x C mixture
+    # Generic `.weight` tools must not half-apply to the K x C mixture: AN has no per-channel weight/bias (None, so
+    # builders' init code that tests `norm.weight is not None`, e.g. torchvision's zero_init_residual, skips it).
+    assert big.weight is None and big.bias is None and "weight" not in dict(big.named_parameters())
 
 
 @pytest.mark.parametrize("name", ["an", "an_gn"])

@@ -56,7 +56,7 @@ def test_convert_keeps_names_shapes_count_and_an_sn_iebn_whole():
     assert type(synced[4]) is an.SyncSwitchableNorm2d
     assert all(p is q for p, q in zip(synced[4].parameters(), sn_params))  # same tensors, optimizer-safe
     assert type(synced[5]) is an.IEBatchNorm2d and type(synced[5].norm) is nn.SyncBatchNorm
-    assert type(synced[6]) is an.AttentiveGroupNorm2d and type(synced[6].norm) is nn.GroupNorm
+    assert type(synced[6]) is an.AttentiveGroupNorm2d and type(synced[6].norm) is an.GroupStandardize2d
     assert type(synced[6].attention.bn) is nn.SyncBatchNorm
     assert type(synced[7]) is nn.GroupNorm
     assert an.convert_sync_norm(synced) is synced  # idempotent
