@@ -66,7 +66,8 @@ def _independent_check(fmt: str, path, ema: bool = False) -> None:
 
 @pytest.mark.parametrize(
     ("fmt", "extra", "method"),
-    [("torchscript", [], "script"), ("torchscript", ["--jit", "trace"], "trace"), ("exported", [], "torch.export")],
+    # auto: our backbones' timm-style trunk (modules called by path) is not TorchScript, so auto traces
+    [("torchscript", [], "trace"), ("torchscript", ["--jit", "trace"], "trace"), ("exported", [], "torch.export")],
 )
 @pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning")
 def test_torchscript_and_torch_export(checkpoint, tmp_path, capsys, fmt, extra, method):
@@ -76,6 +77,16 @@ def test_torchscript_and_torch_export(checkpoint, tmp_path, capsys, fmt, extra, 
     assert record["ok"] and record["method"] == method and record["check_batch"] == 3 and record["rel_err"] < 1e-5
     assert record["model"] == "resnet18" and record["norm"] == "an" and record["input_shape"] == [-1, 3, 32, 32]
     _independent_check(fmt, out)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning")
+def test_forced_script_of_a_backbone_is_a_one_paragraph_error(checkpoint, tmp_path, capsys):
+    out = tmp_path / "model.pt"
+    code, record, err = _run(capsys, checkpoint, out, "--format", "torchscript", "--jit", "script")
+    assert code == 2 and record is None and not out.exists()
+    message = err.strip()
+    assert message.startswith("Error: torch.jit.script cannot compile this model") and "--jit trace" in message
+    assert "\n" not in message and "Traceback" not in message
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")

@@ -11,7 +11,8 @@ mode and exported for inputs of shape (batch, channels, img_size, img_size) with
 - ``onnx``: ``torch.onnx.export`` (``--onnx-exporter dynamo``, PyTorch's default, needs the ``onnx`` and
   ``onnxscript`` packages; ``torchscript``, the older exporter, needs ``onnx``); opset ``--opset``.
 - ``torchscript``: ``torch.jit.script``, or ``torch.jit.trace`` for models TorchScript cannot compile
-  (``--jit auto``, the default, tries script first; the line printed says which was used).
+  (``--jit auto``, the default, tries script first; the line printed says which was used). Our backbones
+  trace: their timm-style trunk (modules called by path) is not TorchScript, while every norm layer scripts.
 - ``exported``: ``torch.export.export`` saved with ``torch.export.save`` (load with ``torch.export.load``).
 
 Then the written file is loaded back (ONNX with onnxruntime, an optional dependency: ``pip install onnxruntime``)
@@ -107,7 +108,12 @@ def export(
                 scripted, method = torch.jit.script(model), "script"
             except Exception as e:  # TorchScript rejects many Python constructs; trace those models
                 if jit == "script":
-                    raise ExportError(f"torch.jit.script cannot compile this model ({e}); use --jit trace") from e
+                    first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+                    raise ExportError(
+                        f"torch.jit.script cannot compile this model ({first}). Use --jit trace, or the default "
+                        f"--jit auto, which traces what TorchScript cannot compile (our backbones' timm-style "
+                        f"trunk; every norm layer itself scripts)."
+                    ) from e
         if scripted is None:
             scripted, method = torch.jit.trace(model, example), "trace"
         torch.jit.save(scripted, str(out))
