@@ -923,10 +923,16 @@ def _compile_forward(layer: AttentiveNorm2d, x: Tensor) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------------- layers
-@torch.compiler.disable
+@functools.cache
+def _hidden_from_compile():
+    """``_fused_forward`` wrapped by ``torch.compiler.disable``, made on first use: the wrapper imports
+    ``torch._dynamo`` (about 2 s), which a process that never runs a fused layer should not pay at import."""
+    return torch.compiler.disable(_fused_forward)
+
+
 def _fused_forward_eager(layer: AttentiveNorm2d, x: Tensor) -> Tensor:
     """The fused forward, hidden from torch.compile (a compiled model runs it eagerly)."""
-    return _fused_forward(layer, x)
+    return _hidden_from_compile()(layer, x)
 
 
 class _FusedMixin:
