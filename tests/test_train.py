@@ -473,3 +473,21 @@ def test_init_from_starts_a_new_run_from_weights_only(tmp_path):
     other = tiny_config(tmp_path / "c", model={"norm": "bn"}, train={"init_from": str(source)})
     with pytest.raises(ck.CheckpointError, match=str(source)):
         train.main(["--config", str(other)])
+
+
+def test_train_main_leaves_the_callers_logging_as_it_was(tmp_path, caplog):
+    """train.main from Python (a notebook, a test) configures its loggers for the run only: afterwards the library
+    loggers propagate to the caller's handlers again and no handler of the run (console, train.log) is left."""
+    import logging
+
+    before = {name: (list(logging.getLogger(name).handlers), logging.getLogger(name).propagate) for name in LIBS}
+    assert train.main(["--config", str(tiny_config(tmp_path, sched={"epochs": 1}))]) == 0
+    assert "Done." in (tmp_path / "run" / "train.log").read_text()
+    for name in LIBS:
+        assert (list(logging.getLogger(name).handlers), logging.getLogger(name).propagate) == before[name]
+    caplog.set_level(logging.WARNING, logger="data")
+    logging.getLogger("data.folder").warning("after the run")
+    assert [r.getMessage() for r in caplog.records] == ["after the run"]
+
+
+LIBS = ("an", "data", "models")
