@@ -62,8 +62,6 @@ from an.functional import (
     centered_affine,
     compute_dtype,
     fp32_region,
-    hw_unbiased,
-    mixture_affine,
     plain_ops,
 )
 
@@ -724,8 +722,7 @@ def _composed_forward(layer: AttentiveNorm2d, x: Tensor, ops) -> Tensor:
     x, cl = _dense(x)
     link = _Link()
     mean, var = _Stats.apply(x, cl, ops, link)
-    lam = layer.attention(mean, hw_unbiased(var, x.shape[2] * x.shape[3]))  # module call: hooks, running stats
-    scale, shift = mixture_affine(lam, layer.mixture_weight, layer.mixture_bias)
+    scale, shift = layer.attentive_affine(mean, var, x.shape[2] * x.shape[3])
     a, b = centered_affine(layer.norm, x, mean, var, scale, shift)
     return _Affine.apply(x, mean, a, b, cl, ops, link)
 
@@ -915,8 +912,7 @@ def _compile_forward(layer: AttentiveNorm2d, x: Tensor) -> Tensor:
     with fp32_region(x):
         xf = x.to(compute_dtype(x))
         var, mean = torch.var_mean(xf, dim=(2, 3), correction=0)
-        lam = layer.attention(mean, hw_unbiased(var, x.shape[2] * x.shape[3]))
-        scale, shift = mixture_affine(lam, layer.mixture_weight, layer.mixture_bias)
+        scale, shift = layer.attentive_affine(mean, var, x.shape[2] * x.shape[3])
         a, b = centered_affine(layer.norm, x, mean, var, scale, shift)
         y = (xf - _col(mean)) * _col(a) + _col(b)
     return y.to(x.dtype)
