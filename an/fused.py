@@ -210,6 +210,32 @@ if triton is not None:
         s = tl.sum(tl.reshape(val, [BLOCK_N, BLOCK_C // GS, GS]), axis=2)
         return tl.reshape(tl.broadcast_to(s[:, :, None], [BLOCK_N, BLOCK_C // GS, GS]), [BLOCK_N, BLOCK_C])
 
+    @triton.jit
+    def _split_sums(part_ptr, nc, mask, S, NC, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+        # The two per-(n, c) sums of _sums_kernel, added over its S splits of H*W.
+        s1 = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
+        s2 = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
+        for sp in range(0, S):
+            s1 += tl.load(part_ptr + sp * NC + nc, mask=mask, other=0.0)
+            s2 += tl.load(part_ptr + (S + sp) * NC + nc, mask=mask, other=0.0)
+        return s1, s2
+
+    @triton.jit
+    def _block_sum(part_ptr, idx, mask, CB, NK, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        # Per-(n, k) sum of the CB channel blocks' partial values (the attention logits or dL/dlam).
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        for cb in range(0, CB):
+            acc += tl.load(part_ptr + cb * NK + idx, mask=mask, other=0.0)
+        return acc
+
+    @triton.jit
+    def _update_running(rm_ptr, rv_ptr, idx, mask, mean, var, f):
+        # Running statistics as nn.BatchNorm2d updates them: r += f * (batch value - r); var is the unbiased one.
+        rm = tl.load(rm_ptr + idx, mask=mask, other=0.0)
+        rv = tl.load(rv_ptr + idx, mask=mask, other=0.0)
+        tl.store(rm_ptr + idx, rm + f * (mean - rm), mask=mask)
+        tl.store(rv_ptr + idx, rv + f * (var - rv), mask=mask)
+
     @triton.jit(do_not_specialize=_BATCH_ARGS)
     def _sums_kernel(
         x_ptr, g_ptr, m_ptr, part_ptr, C, HW, NC, T,
@@ -281,11 +307,7 @@ if triton is not None:
             n = n0 + tl.arange(0, BLOCK_N)
             mask = (n < N)[:, None] & cm[None, :]
             nc = n[:, None] * C + c[None, :]
-            s1 = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
-            s2 = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
-            for sp in range(0, S):
-                s1 += tl.load(part_ptr + sp * NC + nc, mask=mask, other=0.0)
-                s2 += tl.load(part_ptr + (S + sp) * NC + nc, mask=mask, other=0.0)
+            s1, s2 = _split_sums(part_ptr, nc, mask, S, NC, BLOCK_N, BLOCK_C)
             pivot = tl.load(x_ptr + _first(n[:, None], c[None, :], C, HW, CL), mask=mask, other=0.0).to(tl.float32)
             d = s1 * inv_hw
             m = pivot + d
@@ -319,10 +341,7 @@ if triton is not None:
                     f = 1.0 / (tl.load(nbt_ptr) + 1).to(tl.float32)
                 else:
                     f = momentum
-                rm = tl.load(rm_ptr + c, mask=cm, other=0.0)
-                rv = tl.load(rv_ptr + c, mask=cm, other=0.0)
-                tl.store(rm_ptr + c, rm + f * (mu - rm), mask=cm)
-                tl.store(rv_ptr + c, rv + f * (sigma2 * unb_run - rv), mask=cm)
+                _update_running(rm_ptr, rv_ptr, c, cm, mu, sigma2 * unb_run, f)
             else:
                 mu = tl.load(rm_ptr + c, mask=cm, other=0.0)
                 sigma2 = tl.load(rv_ptr + c, mask=cm, other=1.0)
@@ -348,9 +367,7 @@ if triton is not None:
                 n = n0 + tl.arange(0, BLOCK_N)
                 mask = (n < N)[:, None] & km[None, :]
                 idx = n[:, None] * K + k[None, :]
-                z = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-                for cb in range(0, CB):
-                    z += tl.load(zpart_ptr + cb * NK + idx, mask=mask, other=0.0)
+                z = _block_sum(zpart_ptr, idx, mask, CB, NK, BLOCK_N, BLOCK_K)
                 tl.store(zh_ptr + idx, z, mask=mask)
                 sum_z += tl.sum(z, axis=0)
             zm = sum_z * inv_n
@@ -367,10 +384,7 @@ if triton is not None:
                 f = 1.0 / nbt.to(tl.float32)
             else:
                 f = momentum
-            rm = tl.load(arm_ptr + k, mask=km, other=0.0)
-            rv = tl.load(arv_ptr + k, mask=km, other=0.0)
-            tl.store(arm_ptr + k, rm + f * (zm - rm), mask=km)
-            tl.store(arv_ptr + k, rv + f * (zv * unb_n - rv), mask=km)
+            _update_running(arm_ptr, arv_ptr, k, km, zm, zv * unb_n, f)
             tl.store(anbt_ptr, nbt)
         else:
             zm = tl.load(arm_ptr + k, mask=km, other=0.0)
@@ -389,9 +403,7 @@ if triton is not None:
             if BATCH:
                 z = tl.load(zh_ptr + idx, mask=mask, other=0.0)
             else:
-                z = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-                for cb in range(0, CB):
-                    z += tl.load(zpart_ptr + cb * NK + idx, mask=mask, other=0.0)
+                z = _block_sum(zpart_ptr, idx, mask, CB, NK, BLOCK_N, BLOCK_K)
             zh = (z - zm[None, :]) * zr[None, :]
             tl.store(zh_ptr + idx, zh, mask=mask)
             tl.store(t_ptr + idx, zh * gk[None, :] + bk[None, :], mask=mask)
@@ -449,11 +461,7 @@ if triton is not None:
             nm = n < N
             mask = nm[:, None] & cm[None, :]
             nc = n[:, None] * C + c[None, :]
-            sg = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
-            sgu = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
-            for sp in range(0, S):
-                sg += tl.load(part_ptr + sp * NC + nc, mask=mask, other=0.0)
-                sgu += tl.load(part_ptr + (S + sp) * NC + nc, mask=mask, other=0.0)
+            sg, sgu = _split_sums(part_ptr, nc, mask, S, NC, BLOCK_N, BLOCK_C)
             nk_mask = nm[:, None] & km[None, :]
             t = tl.load(t_ptr + n[:, None] * K + k[None, :], mask=nk_mask, other=0.0)
             lam = tl.where(nk_mask, _act(t, km[None, :], ACT), 0.0)  # [BN, BK]
@@ -504,9 +512,7 @@ if triton is not None:
             n = n0 + tl.arange(0, BLOCK_N)
             mask = (n < N)[:, None] & km[None, :]
             idx = n[:, None] * K + k[None, :]
-            dlam = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-            for cb in range(0, CB):
-                dlam += tl.load(dlam_ptr + cb * NK + idx, mask=mask, other=0.0)
+            dlam = _block_sum(dlam_ptr, idx, mask, CB, NK, BLOCK_N, BLOCK_K)
             t = tl.load(t_ptr + idx, mask=mask, other=0.0)
             lam = _act(t, km[None, :], ACT)
             dt = tl.where(mask, _act_grad(dlam, t, lam, km[None, :], ACT), 0.0)
@@ -931,36 +937,42 @@ def _fused_forward_eager(layer: AttentiveNorm2d, x: Tensor) -> Tensor:
     return _hidden_from_compile()(layer, x)
 
 
-class _FusedMixin:
-    """Swaps the forward of an AN class for the fused one; everything else (state) is the reference's.
+class _ImplMixin:
+    """Swaps the forward of an AN class for ``_impl_forward`` (where it applies: 4-D input, :func:`_fusable`
+    standardizer, not traced; else the reference's forward); everything else (state) is the reference's.
 
     TorchScript, tracing and export get the reference's plain-op formulation (``forward_plain``)."""
 
+    impl: str  # the create_norm impl name, shown in the repr
+
+    def forward(self, x: Tensor) -> Tensor:
+        if torch.jit.is_scripting():
+            return self.forward_plain(x)
+        if plain_ops() or x.dim() != 4 or not _fusable(self):
+            return super().forward(x)
+        return self._impl_forward(x)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, impl={self.impl!r}"
+
+
+class _FusedMixin(_ImplMixin):
+    """The fused forward/backward (see the module docstring)."""
+
+    impl = "fused"
     kernels: str = "auto"  # 'auto' | 'triton' | 'torch' (instance attribute to override)
 
-    def forward(self, x: Tensor) -> Tensor:
-        if torch.jit.is_scripting():
-            return self.forward_plain(x)
-        if plain_ops() or x.dim() != 4 or not _fusable(self):
-            return super().forward(x)
+    def _impl_forward(self, x: Tensor) -> Tensor:
         return _fused_forward_eager(self, x)
 
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, impl='fused'"
 
+class _CompileMixin(_ImplMixin):
+    """Plain differentiable torch ops (for ``torch.compile``)."""
 
-class _CompileMixin:
-    """Swaps the forward of an AN class for plain differentiable torch ops (for ``torch.compile``)."""
+    impl = "compile"
 
-    def forward(self, x: Tensor) -> Tensor:
-        if torch.jit.is_scripting():
-            return self.forward_plain(x)
-        if plain_ops() or x.dim() != 4 or not _fusable(self):
-            return super().forward(x)
+    def _impl_forward(self, x: Tensor) -> Tensor:
         return _compile_forward(self, x)
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, impl='compile'"
 
 
 class FusedAttentiveBatchNorm2d(_FusedMixin, AttentiveBatchNorm2d):
