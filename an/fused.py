@@ -211,6 +211,15 @@ if triton is not None:
         return tl.reshape(tl.broadcast_to(s[:, :, None], [BLOCK_N, BLOCK_C // GS, GS]), [BLOCK_N, BLOCK_C])
 
     @triton.jit
+    def _channel_block(cb, C, K, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+        # Channels c of block cb and the K components (with their masks); offsets and mask of the [BLOCK_K, BLOCK_C]
+        # tile of a row-major (K, C) matrix.
+        c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+        k = tl.arange(0, BLOCK_K)
+        cm, km = c < C, k < K
+        return c, cm, k, km, k[:, None] * C + c[None, :], km[:, None] & cm[None, :]
+
+    @triton.jit
     def _split_sums(part_ptr, nc, mask, S, NC, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
         # The two per-(n, c) sums of _sums_kernel, added over its S splits of H*W.
         s1 = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
@@ -296,11 +305,8 @@ if triton is not None:
         # One channel block, every sample: m, v; the standardizer's statistics (BN over the batch, or GN over
         # groups of GS channels; BN running statistics updated); the attention logits' partial sums over the block.
         cb = tl.program_id(0)
-        c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-        cm = c < C
-        k = tl.arange(0, BLOCK_K)
-        km = k < K
-        w = tl.load(w_ptr + k[:, None] * C + c[None, :], mask=km[:, None] & cm[None, :], other=0.0)
+        c, cm, k, km, kc, kcm = _channel_block(cb, C, K, BLOCK_C, BLOCK_K)
+        w = tl.load(w_ptr + kc, mask=kcm, other=0.0)
         sum_m = tl.zeros([BLOCK_C], dtype=tl.float32)
         sum_v = tl.zeros([BLOCK_C], dtype=tl.float32)
         for n0 in range(0, N, BLOCK_N):
@@ -444,12 +450,7 @@ if triton is not None:
         # One channel block, every sample: a (for dx), dGamma, dB, partial dL/dlam over the block, and (BATCH)
         # dL/dsigma2 and dL/dmu of the standardizer statistics. sg = dL/db, sgu = sum(g * (x - m)) = dL/da.
         cb = tl.program_id(0)
-        c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-        cm = c < C
-        k = tl.arange(0, BLOCK_K)
-        km = k < K
-        kc = k[:, None] * C + c[None, :]
-        kcm = km[:, None] & cm[None, :]
+        c, cm, k, km, kc, kcm = _channel_block(cb, C, K, BLOCK_C, BLOCK_K)
         gamma = tl.load(gamma_ptr + kc, mask=kcm, other=0.0)
         beta = tl.load(beta_ptr + kc, mask=kcm, other=0.0)
         acc_dgamma = tl.zeros([BLOCK_K, BLOCK_C], dtype=tl.float32)
@@ -545,13 +546,8 @@ if triton is not None:
     ):  # fmt: skip
         # One channel block, every sample: dW_att, and dx's coefficients p = 2 dL/dv / HW, q = dL/dm / HW
         # (from the descriptor s = m / sqrt(v * unb_hw + eps_att) and, when BATCH, the standardizer statistics).
-        cb = tl.program_id(0)
-        c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-        cm = c < C
-        k = tl.arange(0, BLOCK_K)
-        km = k < K
-        kc = k[:, None] * C + c[None, :]
-        w = tl.load(w_ptr + kc, mask=km[:, None] & cm[None, :], other=0.0)
+        c, cm, k, km, kc, kcm = _channel_block(tl.program_id(0), C, K, BLOCK_C, BLOCK_K)
+        w = tl.load(w_ptr + kc, mask=kcm, other=0.0)
         acc_dw = tl.zeros([BLOCK_K, BLOCK_C], dtype=tl.float32)
         for n0 in range(0, N, BLOCK_N):
             n = n0 + tl.arange(0, BLOCK_N)
@@ -574,7 +570,7 @@ if triton is not None:
                 dm += (2.0 * dsig * (m - mu) + tl.load(dmu_ptr + sidx, mask=mask, other=0.0)) * inv_cnt
             tl.store(p_ptr + nc, 2.0 * dv * inv_hw, mask=mask)
             tl.store(q_ptr + nc, dm * inv_hw, mask=mask)
-        tl.store(dw_ptr + kc, acc_dw, mask=km[:, None] & cm[None, :])
+        tl.store(dw_ptr + kc, acc_dw, mask=kcm)
 
 
 @functools.cache
