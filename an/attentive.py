@@ -27,16 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from an.checks import check_choice, check_int
-from an.functional import (
-    channel_stats,
-    compute_dtype,
-    fp32_region,
-    hw_unbiased,
-    mixture_affine,
-    plain_ops,
-    standardize_affine,
-    unbias_factor,
-)
+from an.functional import ChannelStatsForward, hw_unbiased, mixture_affine, standardize_affine, unbias_factor
 from an.standardize import BatchStandardize2d, GroupStandardize2d, StandardizedAffine
 
 __all__ = [
@@ -113,7 +104,7 @@ class MixtureAttention(nn.Module):
         return f"{self.num_features}, k={self.k}, mode={self.mode!r}"
 
 
-class AttentiveNorm2d(StandardizedAffine, nn.Module):
+class AttentiveNorm2d(ChannelStatsForward, StandardizedAffine, nn.Module):
     """Attentive Normalization around any affine-free standardizer (use the two subclasses below).
 
     Submodules and parameters (names are part of the checkpoint format):
@@ -186,20 +177,16 @@ class AttentiveNorm2d(StandardizedAffine, nn.Module):
         self.mixture_weight.zero_()
         self.mixture_bias.zero_()
 
-    def forward(self, x: Tensor) -> Tensor:
-        if torch.jit.is_scripting():
-            return self.forward_plain(x)
-        if plain_ops():
-            return self.forward_plain(x)
-        if x.dim() != 4:
-            raise ValueError(f"{type(self).__name__}: expected a 4-D input (N, C, H, W), got shape {tuple(x.shape)}")
-        with fp32_region(x):
-            xf = x.to(compute_dtype(x))
-            mean, var = channel_stats(xf)
-            lam = self.attention(mean, hw_unbiased(var, x.shape[2] * x.shape[3]))  # unbiased; 0 at 1x1
-            scale, shift = mixture_affine(lam, self.mixture_weight, self.mixture_bias)
-            y = standardize_affine(self.norm, xf, mean, var, scale, shift)
-        return y.to(x.dtype)
+    def attentive_affine(self, mean: Tensor, var: Tensor, hw: int) -> tuple[Tensor, Tensor]:
+        """Per-(n, c) ``(scale, shift) = (lam @ Gamma, lam @ B)`` with ``lam`` the attention (a module call: its
+        hooks fire) on the raw input's per-(n, c) ``mean`` and biased ``var`` over ``hw`` positions."""
+        lam = self.attention(mean, hw_unbiased(var, hw))  # unbiased; 0 at 1x1
+        return mixture_affine(lam, self.mixture_weight, self.mixture_bias)
+
+    def _forward_stats(self, xf: Tensor, mean: Tensor, var: Tensor) -> Tensor:
+        """The eager forward (see :class:`~an.functional.ChannelStatsForward`)."""
+        scale, shift = self.attentive_affine(mean, var, xf.shape[2] * xf.shape[3])
+        return standardize_affine(self.norm, xf, mean, var, scale, shift)
 
     def forward_plain(self, x: Tensor) -> Tensor:
         """The forward in plain differentiable torch ops: what TorchScript, ``torch.jit.trace``, ``torch.fx`` and

@@ -42,6 +42,7 @@ except ImportError:  # pragma: no cover  (older torch: the flag is also set by t
 __all__ = [
     "BN_STANDARDIZERS",
     "GN_STANDARDIZERS",
+    "ChannelStatsForward",
     "centered_affine",
     "channel_affine",
     "channel_stats",
@@ -167,6 +168,30 @@ def channel_affine(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
         shift: Per-(n, c) shift, shape (N, C).
     """
     return _ChannelAffine.apply(x, scale, shift)
+
+
+class ChannelStatsForward:
+    """Mixin with the ``forward`` the layers of this package share (AN, IEBN, SN; listed before ``nn.Module``).
+
+    Under TorchScript and in plain-op mode (:func:`plain_ops`) it runs the layer's ``forward_plain``. Otherwise it
+    checks for a 4-D input and, with autocast off (:func:`fp32_region`), makes the one statistics pass
+    (:func:`channel_stats` of the input in :func:`compute_dtype`) and hands the input in that dtype and its
+    per-(n, c) ``mean``/biased ``var`` to the layer's ``_forward_stats(xf, mean, var)``; the result is cast back to
+    the input's dtype.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if torch.jit.is_scripting():
+            return self.forward_plain(x)
+        if plain_ops():
+            return self.forward_plain(x)
+        if x.dim() != 4:
+            raise ValueError(f"{type(self).__name__}: expected a 4-D input (N, C, H, W), got shape {tuple(x.shape)}")
+        with fp32_region(x):
+            xf = x.to(compute_dtype(x))
+            mean, var = channel_stats(xf)
+            y = self._forward_stats(xf, mean, var)
+        return y.to(x.dtype)
 
 
 def hw_unbiased(var: Tensor, hw: int) -> Tensor:

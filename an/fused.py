@@ -62,8 +62,6 @@ from an.functional import (
     centered_affine,
     compute_dtype,
     fp32_region,
-    hw_unbiased,
-    mixture_affine,
     plain_ops,
 )
 
@@ -212,6 +210,41 @@ if triton is not None:
         s = tl.sum(tl.reshape(val, [BLOCK_N, BLOCK_C // GS, GS]), axis=2)
         return tl.reshape(tl.broadcast_to(s[:, :, None], [BLOCK_N, BLOCK_C // GS, GS]), [BLOCK_N, BLOCK_C])
 
+    @triton.jit
+    def _channel_block(cb, C, K, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+        # Channels c of block cb and the K components (with their masks); offsets and mask of the [BLOCK_K, BLOCK_C]
+        # tile of a row-major (K, C) matrix.
+        c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+        k = tl.arange(0, BLOCK_K)
+        cm, km = c < C, k < K
+        return c, cm, k, km, k[:, None] * C + c[None, :], km[:, None] & cm[None, :]
+
+    @triton.jit
+    def _split_sums(part_ptr, nc, mask, S, NC, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+        # The two per-(n, c) sums of _sums_kernel, added over its S splits of H*W.
+        s1 = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
+        s2 = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
+        for sp in range(0, S):
+            s1 += tl.load(part_ptr + sp * NC + nc, mask=mask, other=0.0)
+            s2 += tl.load(part_ptr + (S + sp) * NC + nc, mask=mask, other=0.0)
+        return s1, s2
+
+    @triton.jit
+    def _block_sum(part_ptr, idx, mask, CB, NK, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        # Per-(n, k) sum of the CB channel blocks' partial values (the attention logits or dL/dlam).
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        for cb in range(0, CB):
+            acc += tl.load(part_ptr + cb * NK + idx, mask=mask, other=0.0)
+        return acc
+
+    @triton.jit
+    def _update_running(rm_ptr, rv_ptr, idx, mask, mean, var, f):
+        # Running statistics as nn.BatchNorm2d updates them: r += f * (batch value - r); var is the unbiased one.
+        rm = tl.load(rm_ptr + idx, mask=mask, other=0.0)
+        rv = tl.load(rv_ptr + idx, mask=mask, other=0.0)
+        tl.store(rm_ptr + idx, rm + f * (mean - rm), mask=mask)
+        tl.store(rv_ptr + idx, rv + f * (var - rv), mask=mask)
+
     @triton.jit(do_not_specialize=_BATCH_ARGS)
     def _sums_kernel(
         x_ptr, g_ptr, m_ptr, part_ptr, C, HW, NC, T,
@@ -272,22 +305,15 @@ if triton is not None:
         # One channel block, every sample: m, v; the standardizer's statistics (BN over the batch, or GN over
         # groups of GS channels; BN running statistics updated); the attention logits' partial sums over the block.
         cb = tl.program_id(0)
-        c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-        cm = c < C
-        k = tl.arange(0, BLOCK_K)
-        km = k < K
-        w = tl.load(w_ptr + k[:, None] * C + c[None, :], mask=km[:, None] & cm[None, :], other=0.0)
+        c, cm, k, km, kc, kcm = _channel_block(cb, C, K, BLOCK_C, BLOCK_K)
+        w = tl.load(w_ptr + kc, mask=kcm, other=0.0)
         sum_m = tl.zeros([BLOCK_C], dtype=tl.float32)
         sum_v = tl.zeros([BLOCK_C], dtype=tl.float32)
         for n0 in range(0, N, BLOCK_N):
             n = n0 + tl.arange(0, BLOCK_N)
             mask = (n < N)[:, None] & cm[None, :]
             nc = n[:, None] * C + c[None, :]
-            s1 = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
-            s2 = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
-            for sp in range(0, S):
-                s1 += tl.load(part_ptr + sp * NC + nc, mask=mask, other=0.0)
-                s2 += tl.load(part_ptr + (S + sp) * NC + nc, mask=mask, other=0.0)
+            s1, s2 = _split_sums(part_ptr, nc, mask, S, NC, BLOCK_N, BLOCK_C)
             pivot = tl.load(x_ptr + _first(n[:, None], c[None, :], C, HW, CL), mask=mask, other=0.0).to(tl.float32)
             d = s1 * inv_hw
             m = pivot + d
@@ -321,10 +347,7 @@ if triton is not None:
                     f = 1.0 / (tl.load(nbt_ptr) + 1).to(tl.float32)
                 else:
                     f = momentum
-                rm = tl.load(rm_ptr + c, mask=cm, other=0.0)
-                rv = tl.load(rv_ptr + c, mask=cm, other=0.0)
-                tl.store(rm_ptr + c, rm + f * (mu - rm), mask=cm)
-                tl.store(rv_ptr + c, rv + f * (sigma2 * unb_run - rv), mask=cm)
+                _update_running(rm_ptr, rv_ptr, c, cm, mu, sigma2 * unb_run, f)
             else:
                 mu = tl.load(rm_ptr + c, mask=cm, other=0.0)
                 sigma2 = tl.load(rv_ptr + c, mask=cm, other=1.0)
@@ -350,9 +373,7 @@ if triton is not None:
                 n = n0 + tl.arange(0, BLOCK_N)
                 mask = (n < N)[:, None] & km[None, :]
                 idx = n[:, None] * K + k[None, :]
-                z = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-                for cb in range(0, CB):
-                    z += tl.load(zpart_ptr + cb * NK + idx, mask=mask, other=0.0)
+                z = _block_sum(zpart_ptr, idx, mask, CB, NK, BLOCK_N, BLOCK_K)
                 tl.store(zh_ptr + idx, z, mask=mask)
                 sum_z += tl.sum(z, axis=0)
             zm = sum_z * inv_n
@@ -369,10 +390,7 @@ if triton is not None:
                 f = 1.0 / nbt.to(tl.float32)
             else:
                 f = momentum
-            rm = tl.load(arm_ptr + k, mask=km, other=0.0)
-            rv = tl.load(arv_ptr + k, mask=km, other=0.0)
-            tl.store(arm_ptr + k, rm + f * (zm - rm), mask=km)
-            tl.store(arv_ptr + k, rv + f * (zv * unb_n - rv), mask=km)
+            _update_running(arm_ptr, arv_ptr, k, km, zm, zv * unb_n, f)
             tl.store(anbt_ptr, nbt)
         else:
             zm = tl.load(arm_ptr + k, mask=km, other=0.0)
@@ -391,9 +409,7 @@ if triton is not None:
             if BATCH:
                 z = tl.load(zh_ptr + idx, mask=mask, other=0.0)
             else:
-                z = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-                for cb in range(0, CB):
-                    z += tl.load(zpart_ptr + cb * NK + idx, mask=mask, other=0.0)
+                z = _block_sum(zpart_ptr, idx, mask, CB, NK, BLOCK_N, BLOCK_K)
             zh = (z - zm[None, :]) * zr[None, :]
             tl.store(zh_ptr + idx, zh, mask=mask)
             tl.store(t_ptr + idx, zh * gk[None, :] + bk[None, :], mask=mask)
@@ -434,12 +450,7 @@ if triton is not None:
         # One channel block, every sample: a (for dx), dGamma, dB, partial dL/dlam over the block, and (BATCH)
         # dL/dsigma2 and dL/dmu of the standardizer statistics. sg = dL/db, sgu = sum(g * (x - m)) = dL/da.
         cb = tl.program_id(0)
-        c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-        cm = c < C
-        k = tl.arange(0, BLOCK_K)
-        km = k < K
-        kc = k[:, None] * C + c[None, :]
-        kcm = km[:, None] & cm[None, :]
+        c, cm, k, km, kc, kcm = _channel_block(cb, C, K, BLOCK_C, BLOCK_K)
         gamma = tl.load(gamma_ptr + kc, mask=kcm, other=0.0)
         beta = tl.load(beta_ptr + kc, mask=kcm, other=0.0)
         acc_dgamma = tl.zeros([BLOCK_K, BLOCK_C], dtype=tl.float32)
@@ -451,11 +462,7 @@ if triton is not None:
             nm = n < N
             mask = nm[:, None] & cm[None, :]
             nc = n[:, None] * C + c[None, :]
-            sg = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
-            sgu = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
-            for sp in range(0, S):
-                sg += tl.load(part_ptr + sp * NC + nc, mask=mask, other=0.0)
-                sgu += tl.load(part_ptr + (S + sp) * NC + nc, mask=mask, other=0.0)
+            sg, sgu = _split_sums(part_ptr, nc, mask, S, NC, BLOCK_N, BLOCK_C)
             nk_mask = nm[:, None] & km[None, :]
             t = tl.load(t_ptr + n[:, None] * K + k[None, :], mask=nk_mask, other=0.0)
             lam = tl.where(nk_mask, _act(t, km[None, :], ACT), 0.0)  # [BN, BK]
@@ -506,9 +513,7 @@ if triton is not None:
             n = n0 + tl.arange(0, BLOCK_N)
             mask = (n < N)[:, None] & km[None, :]
             idx = n[:, None] * K + k[None, :]
-            dlam = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-            for cb in range(0, CB):
-                dlam += tl.load(dlam_ptr + cb * NK + idx, mask=mask, other=0.0)
+            dlam = _block_sum(dlam_ptr, idx, mask, CB, NK, BLOCK_N, BLOCK_K)
             t = tl.load(t_ptr + idx, mask=mask, other=0.0)
             lam = _act(t, km[None, :], ACT)
             dt = tl.where(mask, _act_grad(dlam, t, lam, km[None, :], ACT), 0.0)
@@ -541,13 +546,8 @@ if triton is not None:
     ):  # fmt: skip
         # One channel block, every sample: dW_att, and dx's coefficients p = 2 dL/dv / HW, q = dL/dm / HW
         # (from the descriptor s = m / sqrt(v * unb_hw + eps_att) and, when BATCH, the standardizer statistics).
-        cb = tl.program_id(0)
-        c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-        cm = c < C
-        k = tl.arange(0, BLOCK_K)
-        km = k < K
-        kc = k[:, None] * C + c[None, :]
-        w = tl.load(w_ptr + kc, mask=km[:, None] & cm[None, :], other=0.0)
+        c, cm, k, km, kc, kcm = _channel_block(tl.program_id(0), C, K, BLOCK_C, BLOCK_K)
+        w = tl.load(w_ptr + kc, mask=kcm, other=0.0)
         acc_dw = tl.zeros([BLOCK_K, BLOCK_C], dtype=tl.float32)
         for n0 in range(0, N, BLOCK_N):
             n = n0 + tl.arange(0, BLOCK_N)
@@ -570,7 +570,7 @@ if triton is not None:
                 dm += (2.0 * dsig * (m - mu) + tl.load(dmu_ptr + sidx, mask=mask, other=0.0)) * inv_cnt
             tl.store(p_ptr + nc, 2.0 * dv * inv_hw, mask=mask)
             tl.store(q_ptr + nc, dm * inv_hw, mask=mask)
-        tl.store(dw_ptr + kc, acc_dw, mask=km[:, None] & cm[None, :])
+        tl.store(dw_ptr + kc, acc_dw, mask=kcm)
 
 
 @functools.cache
@@ -724,8 +724,7 @@ def _composed_forward(layer: AttentiveNorm2d, x: Tensor, ops) -> Tensor:
     x, cl = _dense(x)
     link = _Link()
     mean, var = _Stats.apply(x, cl, ops, link)
-    lam = layer.attention(mean, hw_unbiased(var, x.shape[2] * x.shape[3]))  # module call: hooks, running stats
-    scale, shift = mixture_affine(lam, layer.mixture_weight, layer.mixture_bias)
+    scale, shift = layer.attentive_affine(mean, var, x.shape[2] * x.shape[3])
     a, b = centered_affine(layer.norm, x, mean, var, scale, shift)
     return _Affine.apply(x, mean, a, b, cl, ops, link)
 
@@ -915,8 +914,7 @@ def _compile_forward(layer: AttentiveNorm2d, x: Tensor) -> Tensor:
     with fp32_region(x):
         xf = x.to(compute_dtype(x))
         var, mean = torch.var_mean(xf, dim=(2, 3), correction=0)
-        lam = layer.attention(mean, hw_unbiased(var, x.shape[2] * x.shape[3]))
-        scale, shift = mixture_affine(lam, layer.mixture_weight, layer.mixture_bias)
+        scale, shift = layer.attentive_affine(mean, var, x.shape[2] * x.shape[3])
         a, b = centered_affine(layer.norm, x, mean, var, scale, shift)
         y = (xf - _col(mean)) * _col(a) + _col(b)
     return y.to(x.dtype)
@@ -935,36 +933,42 @@ def _fused_forward_eager(layer: AttentiveNorm2d, x: Tensor) -> Tensor:
     return _hidden_from_compile()(layer, x)
 
 
-class _FusedMixin:
-    """Swaps the forward of an AN class for the fused one; everything else (state) is the reference's.
+class _ImplMixin:
+    """Swaps the forward of an AN class for ``_impl_forward`` (where it applies: 4-D input, :func:`_fusable`
+    standardizer, not traced; else the reference's forward); everything else (state) is the reference's.
 
     TorchScript, tracing and export get the reference's plain-op formulation (``forward_plain``)."""
 
+    impl: str  # the create_norm impl name, shown in the repr
+
+    def forward(self, x: Tensor) -> Tensor:
+        if torch.jit.is_scripting():
+            return self.forward_plain(x)
+        if plain_ops() or x.dim() != 4 or not _fusable(self):
+            return super().forward(x)
+        return self._impl_forward(x)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, impl={self.impl!r}"
+
+
+class _FusedMixin(_ImplMixin):
+    """The fused forward/backward (see the module docstring)."""
+
+    impl = "fused"
     kernels: str = "auto"  # 'auto' | 'triton' | 'torch' (instance attribute to override)
 
-    def forward(self, x: Tensor) -> Tensor:
-        if torch.jit.is_scripting():
-            return self.forward_plain(x)
-        if plain_ops() or x.dim() != 4 or not _fusable(self):
-            return super().forward(x)
+    def _impl_forward(self, x: Tensor) -> Tensor:
         return _fused_forward_eager(self, x)
 
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, impl='fused'"
 
+class _CompileMixin(_ImplMixin):
+    """Plain differentiable torch ops (for ``torch.compile``)."""
 
-class _CompileMixin:
-    """Swaps the forward of an AN class for plain differentiable torch ops (for ``torch.compile``)."""
+    impl = "compile"
 
-    def forward(self, x: Tensor) -> Tensor:
-        if torch.jit.is_scripting():
-            return self.forward_plain(x)
-        if plain_ops() or x.dim() != 4 or not _fusable(self):
-            return super().forward(x)
+    def _impl_forward(self, x: Tensor) -> Tensor:
         return _compile_forward(self, x)
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, impl='compile'"
 
 
 class FusedAttentiveBatchNorm2d(_FusedMixin, AttentiveBatchNorm2d):

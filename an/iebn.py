@@ -17,13 +17,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from an.functional import channel_stats, compute_dtype, fp32_region, plain_ops, standardize_affine
+from an.functional import ChannelStatsForward, standardize_affine
 from an.standardize import BatchStandardize2d, StandardizedAffine
 
 __all__ = ["IEBatchNorm2d"]
 
 
-class IEBatchNorm2d(StandardizedAffine, nn.Module):
+class IEBatchNorm2d(ChannelStatsForward, StandardizedAffine, nn.Module):
     """IEBN (factory name ``'iebn'``).
 
     Parameters: ``weight``/``bias`` (C; gamma/beta), ``gate_weight``/``gate_bias`` (C; a and b).
@@ -68,20 +68,11 @@ class IEBatchNorm2d(StandardizedAffine, nn.Module):
         self.weight.zero_()
         self.bias.zero_()
 
-    def forward(self, x: Tensor) -> Tensor:
-        if torch.jit.is_scripting():
-            return self.forward_plain(x)
-        if plain_ops():
-            return self.forward_plain(x)
-        if x.dim() != 4:
-            raise ValueError(f"IEBatchNorm2d: expected a 4-D input (N, C, H, W), got shape {tuple(x.shape)}")
-        with fp32_region(x):
-            xf = x.to(compute_dtype(x))
-            mean, var = channel_stats(xf)
-            gate = torch.sigmoid(self.gate_weight.to(xf.dtype) * mean + self.gate_bias.to(xf.dtype))
-            scale = self.weight.to(xf.dtype) * gate
-            y = standardize_affine(self.norm, xf, mean, var, scale, self.bias.to(xf.dtype).expand_as(scale))
-        return y.to(x.dtype)
+    def _forward_stats(self, xf: Tensor, mean: Tensor, var: Tensor) -> Tensor:
+        """The eager forward (see :class:`~an.functional.ChannelStatsForward`)."""
+        gate = torch.sigmoid(self.gate_weight.to(xf.dtype) * mean + self.gate_bias.to(xf.dtype))
+        scale = self.weight.to(xf.dtype) * gate
+        return standardize_affine(self.norm, xf, mean, var, scale, self.bias.to(xf.dtype).expand_as(scale))
 
     def forward_plain(self, x: Tensor) -> Tensor:
         """The forward in plain differentiable torch ops (TorchScript, ``torch.jit.trace``, ``torch.fx``,

@@ -25,12 +25,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from an.functional import channel_affine, channel_stats, compute_dtype, fp32_region, plain_ops
+from an.functional import ChannelStatsForward, channel_affine
 
 __all__ = ["SwitchableNorm2d", "SyncSwitchableNorm2d"]
 
 
-class SwitchableNorm2d(nn.Module):
+class SwitchableNorm2d(ChannelStatsForward, nn.Module):
     """Switchable Normalization over IN, LN and BN statistics (factory name ``'sn'``).
 
     Parameters: ``weight``/``bias`` (C; gamma/beta), ``mean_weight``/``var_weight`` (3; softmax logits in
@@ -94,29 +94,20 @@ class SwitchableNorm2d(nn.Module):
         mu = mean.mean(0)
         return mu, var.mean(0) + (mean - mu).square().mean(0), count
 
-    def forward(self, x: Tensor) -> Tensor:
-        if torch.jit.is_scripting():
-            return self.forward_plain(x)
-        if plain_ops():
-            return self.forward_plain(x)
-        if x.dim() != 4:
-            raise ValueError(f"{type(self).__name__}: expected a 4-D input (N, C, H, W), got shape {tuple(x.shape)}")
-        with fp32_region(x):
-            xf = x.to(compute_dtype(x))
-            mean_in, var_in = channel_stats(xf)
-            mean_ln = mean_in.mean(1, keepdim=True)
-            var_ln = var_in.mean(1, keepdim=True) + (mean_in - mean_ln).square().mean(1, keepdim=True)
-            if self.training:
-                mean_bn, var_bn, count = self._batch_stats(mean_in, var_in, x.shape[2] * x.shape[3])
-                self._update_running(mean_bn, var_bn, count)
-            else:
-                mean_bn, var_bn = self.running_mean.to(xf.dtype), self.running_var.to(xf.dtype)
-            wm, wv = self.mixture_weights(xf.dtype)
-            mean = wm[0] * mean_in + wm[1] * mean_ln + wm[2] * mean_bn
-            var = wv[0] * var_in + wv[1] * var_ln + wv[2] * var_bn
-            scale = self.weight.to(xf.dtype) * torch.rsqrt(var + self.eps)
-            y = channel_affine(xf, scale, self.bias.to(xf.dtype) - mean * scale)
-        return y.to(x.dtype)
+    def _forward_stats(self, xf: Tensor, mean_in: Tensor, var_in: Tensor) -> Tensor:
+        """The eager forward (see :class:`~an.functional.ChannelStatsForward`)."""
+        mean_ln = mean_in.mean(1, keepdim=True)
+        var_ln = var_in.mean(1, keepdim=True) + (mean_in - mean_ln).square().mean(1, keepdim=True)
+        if self.training:
+            mean_bn, var_bn, count = self._batch_stats(mean_in, var_in, xf.shape[2] * xf.shape[3])
+            self._update_running(mean_bn, var_bn, count)
+        else:
+            mean_bn, var_bn = self.running_mean.to(xf.dtype), self.running_var.to(xf.dtype)
+        wm, wv = self.mixture_weights(xf.dtype)
+        mean = wm[0] * mean_in + wm[1] * mean_ln + wm[2] * mean_bn
+        var = wv[0] * var_in + wv[1] * var_ln + wv[2] * var_bn
+        scale = self.weight.to(xf.dtype) * torch.rsqrt(var + self.eps)
+        return channel_affine(xf, scale, self.bias.to(xf.dtype) - mean * scale)
 
     def forward_plain(self, x: Tensor) -> Tensor:
         """The forward in plain differentiable torch ops (TorchScript, ``torch.jit.trace``, ``torch.fx``,

@@ -83,10 +83,14 @@ class NormLayers:
     placed: bool = False
 
 
-def check_stage_k(owner: str, norm_k: Sequence[int], num_stages: int, what: str = "stage") -> tuple[int, ...]:
-    """Validates a K-per-stage list (``num_stages`` integers >= 1)."""
-    if isinstance(norm_k, (str, bytes)) or not isinstance(norm_k, Sequence) or len(norm_k) != num_stages:
-        raise ValueError(f"{owner}: 'norm_k' must be a list of {num_stages} integers (one K per {what}), got {norm_k}")
+def check_stage_k(
+    owner: str, norm_k: Sequence[int], num_stages: int | None = None, what: str = "stage"
+) -> tuple[int, ...]:
+    """Validates a K-per-stage list: integers >= 1, exactly ``num_stages`` of them (any number when None)."""
+    is_list = isinstance(norm_k, Sequence) and not isinstance(norm_k, (str, bytes))
+    if not is_list or (num_stages is not None and len(norm_k) != num_stages):
+        want = "be a list of integers" if num_stages is None else f"have {num_stages} entries"
+        raise ValueError(f"{owner}: 'norm_k' must {want} (one K per {what}), got {norm_k!r}")
     return tuple(check_int(owner, "norm_k", k) for k in norm_k)
 
 
@@ -98,6 +102,7 @@ def make_norm_layers(
     attn_layer: str | None = None,
     attn_kwargs: Mapping[str, Any] | None = None,
     *,
+    num_stages: int | None = None,
     stage_name: str = "stage",
 ) -> NormLayers:
     """Resolves a norm name and its options into the constructors a backbone calls.
@@ -105,12 +110,13 @@ def make_norm_layers(
     Args:
         owner: Model name (for error messages).
         norm: A name from ``an.list_norms()``.
-        norm_k: K per stage for the placement positions (its length is the number of stages; used by norms whose
-            entry has ``per_stage_k``).
+        norm_k: K per stage for the placement positions (one per stage; used by norms whose entry has
+            ``per_stage_k``).
         norm_kwargs: Options of the norm (e.g. ``{'attention': 'sigmoid', 'impl': 'fused'}`` for AN,
             ``{'groups': 16}`` for GN); the plain and shortcut norms get the subset their builders accept.
         attn_layer: A name from ``an.list_attns()`` (e.g. ``'se'``) or None.
         attn_kwargs: Options of the attention layer (e.g. ``{'reduction': 16}``).
+        num_stages: How many entries ``norm_k`` must have (the backbone's stage count); None accepts any number.
         stage_name: What one entry of ``norm_k`` is called in error messages.
 
     Raises:
@@ -122,7 +128,7 @@ def make_norm_layers(
         entry.check_keywords(kwargs)
     except TypeError as e:
         raise ValueError(f"{owner}: 'norm_kwargs': {e}") from None
-    ks = check_stage_k(owner, norm_k, len(norm_k) if isinstance(norm_k, Sequence) else 0, stage_name)
+    ks = check_stage_k(owner, norm_k, num_stages, stage_name)
     if entry.per_stage_k and "k" in kwargs:
         raise ValueError(f"{owner}: set K with 'norm_k' (one per {stage_name}), not with norm_kwargs['k']")
 

@@ -142,10 +142,9 @@ class DenseNet(Backbone):
         super().__init__()
         owner = "DenseNet"
         norm_layers = make_norm_layers(
-            owner, norm, norm_k, norm_kwargs, attn_layer, attn_kwargs, stage_name="dense block"
-        )
-        if len(norm_layers.stages) != len(block_config):
-            raise ValueError(f"{owner}: 'norm_k' needs one K per dense block ({len(block_config)}), got {norm_k!r}")
+            owner, norm, norm_k, norm_kwargs, attn_layer, attn_kwargs, num_stages=len(block_config),
+            stage_name="dense block",
+        )  # fmt: skip
         growth_rate = check_int(owner, "growth_rate", growth_rate)
         bn_size = check_int(owner, "bn_size", bn_size)
         num_init_features = check_int(owner, "num_init_features", num_init_features)

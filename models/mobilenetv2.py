@@ -140,12 +140,9 @@ class MobileNetV2(Backbone):
         super().__init__()
         owner = "MobileNetV2"
         norm_layers = make_norm_layers(
-            owner, norm, norm_k, norm_kwargs, attn_layer, attn_kwargs, stage_name="inverted-residual row (t, c, n, s)"
-        )
-        if len(norm_layers.stages) != len(SETTINGS):
-            raise ValueError(
-                f"{owner}: 'norm_k' must have {len(SETTINGS)} entries (one K per inverted-residual row), got {norm_k!r}"
-            )
+            owner, norm, norm_k, norm_kwargs, attn_layer, attn_kwargs, num_stages=len(SETTINGS),
+            stage_name="inverted-residual row (t, c, n, s)",
+        )  # fmt: skip
         width_mult = check_number(owner, "width_mult", width_mult, 0.0, low_open=True)
         drop_rate = check_rate(owner, "drop_rate", drop_rate)
         cin = make_divisible(32 * width_mult)

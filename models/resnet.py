@@ -20,7 +20,7 @@ configs), the last norm of every residual branch is zeroed with :func:`an.zero_i
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
@@ -35,7 +35,46 @@ from ._registry import register_model
 __all__ = ["BasicBlock", "Bottleneck", "ResNet", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
 
 
-class BasicBlock(nn.Module):
+class _ResidualBlock(nn.Module):
+    """What both ResNet blocks share: the constructor's arguments (see the subclasses), the end of the residual
+    branch (attention layer, stochastic depth, the ReLU after the addition), the shortcut, and the zero-init of the
+    branch's last norm (named by ``last_norm``). A subclass builds the branch's convs and norms in ``_init_branch``.
+    """
+
+    expansion: ClassVar[int]
+    last_norm: ClassVar[str]
+
+    def __init__(
+        self,
+        inplanes: int,
+        planes: int,
+        stride: int,
+        norms: Mapping[str, NormFn],
+        se: NormFn | None = None,
+        downsample: nn.Module | None = None,
+        drop_path: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self._init_branch(inplanes, planes, stride, norms)
+        self.se = se(planes * self.expansion) if se is not None else None
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+        self.drop_path = make_drop_path(drop_path)
+
+    def zero_init_last(self) -> None:
+        """Zero-inits the last norm so the block starts as the identity (its shortcut)."""
+        an.zero_init_(getattr(self, self.last_norm))
+
+    def _merge(self, out: Tensor, shortcut: Tensor) -> Tensor:
+        """``ReLU(drop_path(se(out)) + shortcut)`` for the branch output ``out``."""
+        if self.se is not None:
+            out = self.se(out)
+        if self.drop_path is not None:
+            out = self.drop_path(out)
+        return self.relu(out + shortcut)
+
+
+class BasicBlock(_ResidualBlock):
     """Two 3x3 convs; attention layer (``attn_layer``, e.g. SE) after bn2 on the residual branch, before the addition.
 
     Args:
@@ -50,44 +89,22 @@ class BasicBlock(nn.Module):
 
     expansion = 1
     positions = ("bn1", "bn2")
+    last_norm = "bn2"
     default_placement = "bn1"  # after the ResNet-34 ablation of the authors' model zoo (docs/AN.md 5.3)
 
-    def __init__(
-        self,
-        inplanes: int,
-        planes: int,
-        stride: int,
-        norms: Mapping[str, NormFn],
-        se: NormFn | None = None,
-        downsample: nn.Module | None = None,
-        drop_path: float = 0.0,
-    ) -> None:
-        super().__init__()
+    def _init_branch(self, inplanes: int, planes: int, stride: int, norms: Mapping[str, NormFn]) -> None:
         self.conv1 = conv2d(inplanes, planes, 3, stride)
         self.bn1 = norms["bn1"](planes)
-        self.relu = nn.ReLU(inplace=True)
         self.conv2 = conv2d(planes, planes, 3)
         self.bn2 = norms["bn2"](planes)
-        self.se = se(planes) if se is not None else None
-        self.downsample = downsample
-        self.drop_path = make_drop_path(drop_path)
-
-    def zero_init_last(self) -> None:
-        """Zero-inits the last norm so the block starts as the identity (its shortcut)."""
-        an.zero_init_(self.bn2)
 
     def forward(self, x: Tensor) -> Tensor:
         shortcut = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        if self.se is not None:
-            out = self.se(out)
-        if self.drop_path is not None:
-            out = self.drop_path(out)
-        return self.relu(out + shortcut)
+        return self._merge(self.bn2(self.conv2(out)), shortcut)
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(_ResidualBlock):
     """1x1 -> 3x3 (stride) -> 1x1 (x4); an attention layer (``attn_layer``, e.g. SE) after bn3, before the addition.
 
     Args:
@@ -102,19 +119,10 @@ class Bottleneck(nn.Module):
 
     expansion = 4
     positions = ("bn1", "bn2", "bn3")
+    last_norm = "bn3"
     default_placement = "bn2"  # the paper's: the norm after the 3x3 conv (docs/AN.md 2.1)
 
-    def __init__(
-        self,
-        inplanes: int,
-        planes: int,
-        stride: int,
-        norms: Mapping[str, NormFn],
-        se: NormFn | None = None,
-        downsample: nn.Module | None = None,
-        drop_path: float = 0.0,
-    ) -> None:
-        super().__init__()
+    def _init_branch(self, inplanes: int, planes: int, stride: int, norms: Mapping[str, NormFn]) -> None:
         width = planes
         self.conv1 = conv2d(inplanes, width, 1)
         self.bn1 = norms["bn1"](width)
@@ -122,25 +130,12 @@ class Bottleneck(nn.Module):
         self.bn2 = norms["bn2"](width)
         self.conv3 = conv2d(width, planes * self.expansion, 1)
         self.bn3 = norms["bn3"](planes * self.expansion)
-        self.se = se(planes * self.expansion) if se is not None else None
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample = downsample
-        self.drop_path = make_drop_path(drop_path)
-
-    def zero_init_last(self) -> None:
-        """Zero-inits the last norm so the block starts as the identity (its shortcut)."""
-        an.zero_init_(self.bn3)
 
     def forward(self, x: Tensor) -> Tensor:
         shortcut = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        if self.se is not None:
-            out = self.se(out)
-        if self.drop_path is not None:
-            out = self.drop_path(out)
-        return self.relu(out + shortcut)
+        return self._merge(self.bn3(self.conv3(out)), shortcut)
 
 
 class ResNet(Backbone):
@@ -203,9 +198,7 @@ class ResNet(Backbone):
         owner = "ResNet"
         if len(layers) != 4:
             raise ValueError(f"{owner} needs 4 stages, got layers={list(layers)}")
-        norm_layers = make_norm_layers(owner, norm, norm_k, norm_kwargs, attn_layer, attn_kwargs)
-        if len(norm_layers.stages) != 4:
-            raise ValueError(f"{owner}: 'norm_k' must have 4 entries (one K per stage), got {list(norm_k)}")
+        norm_layers = make_norm_layers(owner, norm, norm_k, norm_kwargs, attn_layer, attn_kwargs, num_stages=4)
         placement = block.default_placement if norm_placement is None else norm_placement
         self.norm_placement = check_choice(owner, "norm_placement", placement, (*block.positions, "all"))
         in_chans = check_int(owner, "in_chans", in_chans)

@@ -248,7 +248,7 @@ def test_errors():
         create_model("resnet50", "an", norm_k=[10, 10, 20])
     with pytest.raises(ValueError, match=r"'norm_k' must have 7 entries \(one K per inverted-residual row"):
         create_model("mobilenetv2", "an", norm_k=[10, 10, 20, 20])
-    with pytest.raises(ValueError, match=r"'norm_k' needs one K per dense block"):
+    with pytest.raises(ValueError, match=r"'norm_k' must have 4 entries \(one K per dense block\)"):
         create_model("densenet121", "an", norm_k=[10])
     with pytest.raises(ValueError, match=r"Unknown norm 'bnn'.*Did you mean 'bn'"):
         create_model("resnet50", "bnn")

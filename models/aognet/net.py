@@ -307,9 +307,7 @@ class AOGNet(Backbone):
             raise ValueError(
                 "AOGNetConfig: filter_list needs one more entry than blocks/dims/remove_symmetric/drop_rates"
             )
-        norm_layers = make_norm_layers("AOGNet", norm, norm_k, norm_kwargs, attn_layer, attn_kwargs)
-        if len(norm_layers.stages) != n:
-            raise ValueError(f"AOGNet: 'norm_k' must have {n} entries (one K per stage), got {norm_k!r}")
+        norm_layers = make_norm_layers("AOGNet", norm, norm_k, norm_kwargs, attn_layer, attn_kwargs, num_stages=n)
         in_chans = check_int("AOGNet", "in_chans", in_chans)
         self.config = c
         norm_fn = norm_layers.norm
