@@ -29,7 +29,7 @@ from pathlib import Path
 from engine import checkpoint as ck
 from engine import distributed as du
 from engine.build import build_loaders, build_model, check_dataset_classes, expand_path, memory_format_of
-from engine.config import ConfigError, apply_overrides, config_from_dict, load_config, validate_model
+from engine.config import ConfigError, checkpoint_config, validate_model
 from engine.errors import main_guard
 from engine.loop import amp_dtype, evaluate
 
@@ -56,13 +56,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def resolve_config(args, ckpt: dict):
     path = Path(args.checkpoint)
-    if args.config:
-        cfg = load_config(args.config, args.overrides)
-    else:
-        if "config" not in ckpt:
-            raise ConfigError(f"{path} holds no config; pass --config with the experiment's YAML file.")
-        cfg = config_from_dict(ckpt["config"], source=f"the config stored in {path}")
-        apply_overrides(cfg, args.overrides)
+    cfg = checkpoint_config(ckpt, path, args.config, args.overrides)
     if args.data_root is not None:
         cfg.data.root = args.data_root
     if args.backend is not None:
@@ -106,12 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = resolve_config(args, ckpt)
     dist_info = du.init_distributed(cfg.dist.backend, cfg.dist.timeout_minutes, device=args.device)
     try:
-        if args.ema:
-            if ckpt.get("ema") is None:
-                raise ck.CheckpointError(f"{ckpt_path} has no EMA weights (the run had train.ema=false); drop --ema.")
-            state = {k.removeprefix("module."): v for k, v in ckpt["ema"].items() if k.startswith("module.")}
-        else:
-            state = ckpt["model"]
+        state = ck.model_weights(ckpt, ckpt_path, args.ema)
         model = build_model(cfg)
         ck.load_model_state(model, state, ckpt_path)
         model = model.to(device=dist_info.device, memory_format=memory_format_of(cfg))

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from data.base import TrainLoader, ValLoader, make_normalizer
+from data.base import TrainLoader, ValLoader, eval_batch_size, make_normalizer
 from data.folder import IMG_EXTENSIONS, DataLoadError, DatasetError, count_images, scan_dataset
 from data.sampling import train_shard, train_steps, val_shard
 
@@ -143,7 +143,7 @@ def build_loaders(
     d = cfg.data
     seed = cfg.train.seed
     normalizer = make_normalizer(d, device, memory_format)
-    eval_batch = d.eval_batch_size or d.batch_size
+    eval_batch = eval_batch_size(d)
 
     if d.backend == "synthetic":
         from data.synthetic import ImageBank, SyntheticTrainLoader, SyntheticValLoader

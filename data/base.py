@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterable, Iterator
 import numpy as np
 import torch
 
-from data.sampling import train_shard
+from data.sampling import split_batches, train_shard, val_shard
 from data.transforms import Normalizer
 
 log = logging.getLogger(__name__)
@@ -97,6 +97,14 @@ class TrainLoader(_Closable):
     rank: int
     world_size: int
 
+    def __init__(self, num_samples: int, *, batch_size: int, seed: int, rank: int, world_size: int, steps: int):
+        self.num_samples = num_samples
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.steps_per_epoch = steps
+
     def batch_indices(self, epoch: int) -> np.ndarray:
         """Sample indices of this rank for ``epoch``, shaped ``(steps_per_epoch, batch_size)``."""
         return train_shard(
@@ -124,14 +132,26 @@ class ValLoader(_Closable):
     """Validation batches of one rank: every image of this rank's shard once, the last batch partial.
 
     Attributes:
+        indices: the samples of this rank (:func:`data.sampling.val_shard`).
         num_samples: images of this rank.
         total_samples: images in the whole validation set (all ranks).
         batch_size: images per full batch.
     """
 
+    indices: np.ndarray
     num_samples: int
     total_samples: int
     batch_size: int
+
+    def __init__(self, total_samples: int, *, batch_size: int, rank: int, world_size: int):
+        self.batch_size = batch_size
+        self.indices = val_shard(total_samples, rank, world_size)
+        self.num_samples = len(self.indices)
+        self.total_samples = total_samples
+
+    def batches(self) -> list[np.ndarray]:
+        """This rank's samples cut into batches of ``batch_size``; the last one may be smaller."""
+        return split_batches(self.indices, self.batch_size)
 
     def __iter__(self) -> Iterator[Batch]:
         raise NotImplementedError
@@ -148,6 +168,11 @@ class ValLoader(_Closable):
     def last_pass_skipped(self) -> int:
         """Images of this rank dropped as unreadable during the last complete pass."""
         return 0
+
+
+def eval_batch_size(data_cfg) -> int:
+    """The per-process validation batch: ``data.eval_batch_size``, or ``data.batch_size`` when it is unset."""
+    return data_cfg.eval_batch_size or data_cfg.batch_size
 
 
 def make_normalizer(data_cfg, device: torch.device, memory_format: torch.memory_format) -> Normalizer:

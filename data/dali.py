@@ -46,9 +46,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from data.base import Batch, TrainLoader, ValLoader, feed_device
+from data.base import Batch, TrainLoader, ValLoader, eval_batch_size, feed_device
 from data.folder import DataLoadError, FileTable
-from data.sampling import dali_seed, val_shard
+from data.sampling import dali_seed
 from data.transforms import Normalizer, describe_error, eval_resize_size, load_rgb
 
 log = logging.getLogger(__name__)
@@ -385,7 +385,21 @@ class _DaliRunner:
         )
 
 
-class DaliTrainLoader(TrainLoader):
+class _DaliLoader:
+    """What the two DALI loaders share: their :class:`_DaliRunner` (one pipeline, built at construction)."""
+
+    _runner: _DaliRunner
+
+    @property
+    def pipeline_builds(self) -> int:
+        """How many times the pipeline was built (1 for a healthy run)."""
+        return self._runner.builds
+
+    def close(self) -> None:
+        self._runner.close()
+
+
+class DaliTrainLoader(_DaliLoader, TrainLoader):
     """Training loader of the ``dali`` / ``dali_cpu`` backends (see the module docstring)."""
 
     def __init__(
@@ -403,12 +417,9 @@ class DaliTrainLoader(TrainLoader):
         normalizer: Normalizer,
         normalize_in_pipeline: bool | None = None,
     ):
-        self.seed = seed
-        self.rank = rank
-        self.world_size = world_size
-        self.batch_size = data_cfg.batch_size
-        self.steps_per_epoch = steps
-        self.num_samples = len(files)
+        super().__init__(
+            len(files), batch_size=data_cfg.batch_size, seed=seed, rank=rank, world_size=world_size, steps=steps
+        )
         self._runner = _DaliRunner(
             files,
             data_cfg,
@@ -423,21 +434,13 @@ class DaliTrainLoader(TrainLoader):
             what=f"train (rank {rank})",
         )
 
-    @property
-    def pipeline_builds(self) -> int:
-        """How many times the pipeline was built (1 for a healthy run)."""
-        return self._runner.builds
-
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         self._check_start(start_step)
         batches = list(self.batch_indices(epoch)[start_step:])
         yield from self._runner.batches(batches, f"epoch {epoch} (rank {self.rank})")
 
-    def close(self) -> None:
-        self._runner.close()
 
-
-class DaliValLoader(ValLoader):
+class DaliValLoader(_DaliLoader, ValLoader):
     """Validation loader of the ``dali`` / ``dali_cpu`` backends (see the module docstring)."""
 
     def __init__(
@@ -453,11 +456,8 @@ class DaliValLoader(ValLoader):
         normalizer: Normalizer,
         normalize_in_pipeline: bool | None = None,
     ):
+        super().__init__(len(files), batch_size=eval_batch_size(data_cfg), rank=rank, world_size=world_size)
         self.rank = rank
-        self.batch_size = data_cfg.eval_batch_size or data_cfg.batch_size
-        self.indices = val_shard(len(files), rank, world_size)
-        self.num_samples = len(self.indices)
-        self.total_samples = len(files)
         self._runner = _DaliRunner(
             files,
             data_cfg,
@@ -472,14 +472,5 @@ class DaliValLoader(ValLoader):
             what=f"validation (rank {rank})",
         )
 
-    @property
-    def pipeline_builds(self) -> int:
-        """How many times the pipeline was built (1 for a healthy run)."""
-        return self._runner.builds
-
     def __iter__(self) -> Iterator[Batch]:
-        batches = [self.indices[i : i + self.batch_size] for i in range(0, self.num_samples, self.batch_size)]
-        yield from self._runner.batches(batches, f"validation (rank {self.rank})")
-
-    def close(self) -> None:
-        self._runner.close()
+        yield from self._runner.batches(self.batches(), f"validation (rank {self.rank})")

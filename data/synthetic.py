@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from data.base import Batch, TrainLoader, ValLoader
-from data.sampling import mix_seed, split_batches, val_shard
+from data.sampling import mix_seed
 from data.transforms import Normalizer
 
 _BANK_TAG = 0x5EED_0004
@@ -59,13 +59,8 @@ class SyntheticTrainLoader(TrainLoader):
     def __init__(
         self, bank: ImageBank, num_samples: int, *, batch_size: int, seed: int, rank: int, world_size: int, steps: int
     ):
+        super().__init__(num_samples, batch_size=batch_size, seed=seed, rank=rank, world_size=world_size, steps=steps)
         self.bank = bank
-        self.num_samples = num_samples
-        self.batch_size = batch_size
-        self.seed = seed
-        self.rank = rank
-        self.world_size = world_size
-        self.steps_per_epoch = steps
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         self._check_start(start_step)
@@ -78,12 +73,9 @@ class SyntheticValLoader(ValLoader):
     """Validation batches from an :class:`ImageBank`: samples ``rank, rank + W, ...``, no padding."""
 
     def __init__(self, bank: ImageBank, total_samples: int, *, batch_size: int, rank: int, world_size: int):
+        super().__init__(total_samples, batch_size=batch_size, rank=rank, world_size=world_size)
         self.bank = bank
-        self.batch_size = batch_size
-        self.indices = val_shard(total_samples, rank, world_size)
-        self.num_samples = len(self.indices)
-        self.total_samples = total_samples
 
     def __iter__(self) -> Iterator[Batch]:
-        for indices in split_batches(self.indices, self.batch_size):
+        for indices in self.batches():
             yield self.bank.batch(indices)

@@ -34,9 +34,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from data.base import Batch, SkipLog, TrainLoader, ValLoader, feed_device
+from data.base import Batch, SkipLog, TrainLoader, ValLoader, eval_batch_size, feed_device
 from data.folder import DataLoadError, FileTable
-from data.sampling import augment_seed, split_batches, val_shard
+from data.sampling import augment_seed
 from data.transforms import Normalizer, describe_error, eval_transform, load_rgb, train_transform
 
 MAX_REPLACEMENTS = 64  # consecutive unreadable files tolerated before training gives up
@@ -239,7 +239,32 @@ def _shutdown(loader: DataLoader | None) -> None:
     loader._iterator = None
 
 
-class TorchTrainLoader(TrainLoader):
+class _TorchLoader:
+    """What the two ``torch`` loaders share: the worker-process DataLoader, and the report of unreadable files."""
+
+    files: FileTable
+    _loader: DataLoader | None
+    _skips: SkipLog
+    _class_check: ClassCheck
+
+    @property
+    def skipped_files(self) -> int:
+        return len(self._skips.files)
+
+    def _report_skipped(self, skipped: list[tuple[int, str]], action: str) -> None:
+        """Logs (once per file) the unreadable files a worker met; checks their class at its first bad file."""
+        for index, error in skipped:
+            path = self.files.path(index)
+            if path not in self._skips.files:
+                self._class_check.check(index, error)
+            self._skips.add(path, error, action)
+
+    def close(self) -> None:
+        _shutdown(self._loader)
+        self._loader = None
+
+
+class TorchTrainLoader(_TorchLoader, TrainLoader):
     """Training loader of the ``torch`` backend (see the module docstring)."""
 
     def __init__(
@@ -254,13 +279,10 @@ class TorchTrainLoader(TrainLoader):
         device: torch.device,
         normalizer: Normalizer,
     ):
+        super().__init__(
+            len(files), batch_size=data_cfg.batch_size, seed=seed, rank=rank, world_size=world_size, steps=steps
+        )
         self.files = files
-        self.seed = seed
-        self.rank = rank
-        self.world_size = world_size
-        self.batch_size = data_cfg.batch_size
-        self.steps_per_epoch = steps
-        self.num_samples = len(files)
         self.device = device
         self._normalizer = normalizer
         self._keys = _Keys()
@@ -269,10 +291,6 @@ class TorchTrainLoader(TrainLoader):
         self._loader: DataLoader | None = _make_loader(
             FolderBatches(files, True, data_cfg, seed), self._keys, data_cfg, device
         )
-
-    @property
-    def skipped_files(self) -> int:
-        return len(self._skips.files)
 
     @property
     def skipped_file_names(self) -> list[str]:
@@ -291,19 +309,11 @@ class TorchTrainLoader(TrainLoader):
 
     def _host_batches(self) -> Iterator[Batch]:
         for images, labels, skipped in self._loader:
-            for index, error in skipped:
-                path = self.files.path(index)
-                if path not in self._skips.files:
-                    self._class_check.check(index, error)
-                self._skips.add(path, error, "replaced by the next readable image")
+            self._report_skipped(skipped, "replaced by the next readable image")
             yield images, labels
 
-    def close(self) -> None:
-        _shutdown(self._loader)
-        self._loader = None
 
-
-class TorchValLoader(ValLoader):
+class TorchValLoader(_TorchLoader, ValLoader):
     """Validation loader of the ``torch`` backend (see the module docstring)."""
 
     def __init__(
@@ -316,25 +326,18 @@ class TorchValLoader(ValLoader):
         device: torch.device,
         normalizer: Normalizer,
     ):
+        super().__init__(len(files), batch_size=eval_batch_size(data_cfg), rank=rank, world_size=world_size)
         self.files = files
-        self.batch_size = data_cfg.eval_batch_size or data_cfg.batch_size
-        self.indices = val_shard(len(files), rank, world_size)
-        self.num_samples = len(self.indices)
-        self.total_samples = len(files)
         self.device = device
         self._normalizer = normalizer
         self._keys = _Keys()
-        self._keys.keys = [(0, b) for b in split_batches(self.indices, self.batch_size)]
+        self._keys.keys = [(0, b) for b in self.batches()]
         self._skips = SkipLog("validation")
         self._class_check = ClassCheck(files, "val")
         self._last_pass_skipped = 0
         self._loader: DataLoader | None = None
         if self.num_samples:
             self._loader = _make_loader(FolderBatches(files, False, data_cfg, 0), self._keys, data_cfg, device)
-
-    @property
-    def skipped_files(self) -> int:
-        return len(self._skips.files)
 
     @property
     def last_pass_skipped(self) -> int:
@@ -350,16 +353,8 @@ class TorchValLoader(ValLoader):
     def _host_batches(self) -> Iterator[Batch]:
         dropped = 0
         for images, labels, skipped in self._loader:
-            for index, error in skipped:
-                path = self.files.path(index)
-                if path not in self._skips.files:
-                    self._class_check.check(index, error)
-                self._skips.add(path, error, "left out of the validation counts")
+            self._report_skipped(skipped, "left out of the validation counts")
             dropped += len(skipped)
             if len(labels):
                 yield images, labels
         self._last_pass_skipped = dropped
-
-    def close(self) -> None:
-        _shutdown(self._loader)
-        self._loader = None

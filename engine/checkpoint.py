@@ -354,8 +354,22 @@ def _unpickler_problem(error: BaseException) -> str:
     return lines[0] if lines else type(error).__name__
 
 
-def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str | os.PathLike) -> None:
-    """``load_state_dict(strict=True)`` with an error that says which model the weights belong to."""
+def model_weights(ckpt: dict[str, Any], path: str | os.PathLike, ema: bool = False) -> dict[str, torch.Tensor]:
+    """The model's state_dict in a loaded checkpoint ``ckpt`` (read from ``path``): its ``model`` entry, or with
+    ``ema`` the EMA weights (the ``module.`` entries of the stored EMA, under the model's own names)."""
+    if not ema:
+        return ckpt["model"]
+    if ckpt.get("ema") is None:
+        raise CheckpointError(f"{path} has no EMA weights (the run had train.ema=false); drop --ema.")
+    return {k.removeprefix("module."): v for k, v in ckpt["ema"].items() if k.startswith("module.")}
+
+
+def state_mismatch(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> str:
+    """Why ``state`` does not load into ``model`` strictly, or "" when it does.
+
+    The reason counts the missing keys, the unexpected keys and the tensors of other shapes, with up to three
+    examples of each, e.g. ``1 with other shapes (e.g. fc.weight (10, 64) vs (1000, 64))``.
+    """
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -364,16 +378,22 @@ def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], sou
         for k, v in own.items()
         if k in state and state[k].shape != v.shape
     ]
-    if missing or unexpected or mismatched:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
-        if mismatched:
-            parts.append(f"{len(mismatched)} with other shapes (e.g. {'; '.join(mismatched[:3])})")
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
+    if mismatched:
+        parts.append(f"{len(mismatched)} with other shapes (e.g. {'; '.join(mismatched[:3])})")
+    return ", ".join(parts)
+
+
+def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str | os.PathLike) -> None:
+    """``load_state_dict(strict=True)`` with an error that says which model the weights belong to."""
+    mismatch = state_mismatch(model, state)
+    if mismatch:
         raise CheckpointError(
-            f"The weights in {source} do not fit this model: {', '.join(parts)}. The checkpoint was written for a "
+            f"The weights in {source} do not fit this model: {mismatch}. The checkpoint was written for a "
             f"different model, norm or number of classes; rebuild the model from the checkpoint's own config "
             f"(eval.py does this) or pick the checkpoint of this experiment."
         )

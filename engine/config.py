@@ -602,6 +602,23 @@ def load_config(name: str | Path, overrides: typing.Sequence[str] = ()) -> Confi
     return cfg
 
 
+def checkpoint_config(
+    ckpt: dict[str, Any], path: str | Path, config: str | Path | None = None, overrides: typing.Sequence[str] = ()
+) -> Config:
+    """The config to rebuild the model of a loaded checkpoint ``ckpt`` (read from ``path``) with.
+
+    The config file ``config`` when one is given (:func:`load_config`), else the config stored in the checkpoint;
+    ``overrides`` apply to either. Raises ConfigError when neither exists.
+    """
+    if config:
+        return load_config(config, overrides)
+    if "config" not in ckpt:
+        raise ConfigError(f"{path} holds no config; pass --config with the experiment's YAML file.")
+    cfg = config_from_dict(ckpt["config"], source=f"the config stored in {path}")
+    apply_overrides(cfg, overrides)
+    return cfg
+
+
 def _check_layer_kwargs(cfg: Config, key: str, builder: Any, owner: str, source: str | None) -> None:
     """Coerces the values of ``model.<key>`` (``norm_kwargs``/``attn_kwargs``) to the types of the layer builder's
     keyword parameters, or raises ConfigError naming ``model.<key>.<name>``. Unknown names are left to the build,

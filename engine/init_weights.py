@@ -50,22 +50,11 @@ def load_init_weights(model: nn.Module, path: str | os.PathLike) -> dict[str, An
     path = Path(path)
     ckpt = ck.load_checkpoint(path, map_location="cpu")
     state = ckpt["model"]
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [
-        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
-        for k, v in own.items()
-        if k in state and state[k].shape != v.shape
-    ]
-    if missing or unexpected or shapes:
-        parts = []
-        for label, items in (("missing", missing), ("unexpected", unexpected), ("with other shapes", shapes)):
-            if items:
-                parts.append(f"{len(items)} {label} (e.g. {'; '.join(items[:3])})")
+    mismatch = ck.state_mismatch(model, state)
+    if mismatch:
         raise ck.CheckpointError(
             f"train.init_from={path} holds weights of {_source_model(ckpt)} that do not fit the model of this run: "
-            f"{', '.join(parts)}. Set model.name / model.norm / model options to the checkpoint's model (its "
+            f"{mismatch}. Set model.name / model.norm / model options to the checkpoint's model (its "
             f"stored config says which), or pick a checkpoint of this model."
         )
     model.load_state_dict(state, strict=True)

@@ -9,6 +9,26 @@ visible_gpus() {
   fi
 }
 
+# launch_args "$@": reads the arguments of scripts/train.sh and scripts/eval.sh, `TARGET [NUM_GPUS] [more ...]`.
+# With no argument, or -h / --help, prints the script's header comment (its usage) and exits 2. Otherwise sets
+# target (the first argument), gpus (NUM_GPUS when the second argument is a number, else visible_gpus) and the
+# array rest (the arguments after those).
+launch_args() {
+  if [[ $# -lt 1 || "$1" == "-h" || "$1" == "--help" ]]; then
+    sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"
+    exit 2
+  fi
+  target=$1
+  shift
+  if [[ $# -gt 0 && "$1" =~ ^[0-9]+$ ]]; then
+    gpus=$1
+    shift
+  else
+    gpus=$(visible_gpus)
+  fi
+  rest=("$@")
+}
+
 # run_state FILE: the "state" the trainer wrote into a status.json (running, preempted, completed, failed),
 # or nothing when the file is missing or empty. train.py writes it to $AN_STATUS_FILE as well as to the
 # run folder; the launch scripts read it because torchrun reports a preempted run (exit 75) as exit 1.

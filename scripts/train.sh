@@ -16,20 +16,11 @@
 # itself reports such a stop as 1; the script reads the trainer's status file instead.
 set -euo pipefail
 
-if [[ $# -lt 1 || "$1" == "-h" || "$1" == "--help" ]]; then
-  sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'
-  exit 2
-fi
-config=$1
-shift
 # shellcheck source=scripts/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
-if [[ $# -gt 0 && "$1" =~ ^[0-9]+$ ]]; then
-  gpus=$1
-  shift
-else
-  gpus=$(visible_gpus)
-fi
+launch_args "$@"
+config=$target
+set -- "${rest[@]}"
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cpus=$(nproc)

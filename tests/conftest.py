@@ -11,6 +11,20 @@ from torch import nn
 from torch.func import functional_call
 
 from engine.config import Config
+from tests.image_folders import make_image_folder
+
+
+@pytest.fixture(scope="module")
+def jpeg_dataset(tmp_path_factory) -> Path:
+    """3 classes of 64x48 JPEGs (every other one 48x64): 5 + 4 + 4 training and 3 + 2 + 2 validation images."""
+    return make_image_folder(
+        tmp_path_factory.mktemp("ds"), train_per_class=[5, 4, 4], val_per_class=[3, 2, 2], size=(64, 48)
+    )
+
+
+def collect(iterable) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The batches of a loader, cloned (a loader may reuse its buffers)."""
+    return [(x.clone(), y.clone()) for x, y in iterable]
 
 
 @pytest.fixture
@@ -78,3 +92,16 @@ def gradcheck_layer(layer: nn.Module, x: torch.Tensor) -> None:
         return functional_call(layer, dict(zip(names, ps)), (inp,))
 
     assert torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+def sgd_steps(layer: nn.Module, shape, steps: int = 4, seed: int = 0) -> None:
+    """A few SGD steps on random data so parameters move away from init and running stats accumulate."""
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.05)
+    layer.train()
+    for _ in range(steps):
+        x = torch.randn(shape, generator=gen) * 1.5 + 0.5
+        target = torch.randn(shape, generator=gen)
+        opt.zero_grad()
+        ((layer(x) - target) ** 2).mean().backward()
+        opt.step()

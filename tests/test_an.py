@@ -13,7 +13,7 @@ from torch import nn
 
 import an
 from an.functional import channel_affine, channel_stats
-from tests.conftest import gradcheck_layer
+from tests.conftest import gradcheck_layer, sgd_steps
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -77,19 +77,6 @@ def naive_an(layer: an.AttentiveNorm2d, x: torch.Tensor, training: bool) -> torc
 def _make(name: str, c: int, groups: int = 8, **kwargs) -> nn.Module:
     """create_norm, passing ``groups`` only to the GN-based norm."""
     return an.create_norm(name, c, **kwargs, **({"groups": groups} if name == "an_gn" else {}))
-
-
-def _train_steps(layer: nn.Module, shape, steps: int = 4, seed: int = 0) -> None:
-    """A few SGD steps on random data so parameters move away from init and running stats accumulate."""
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.SGD(layer.parameters(), lr=0.05)
-    layer.train()
-    for _ in range(steps):
-        x = torch.randn(shape, generator=gen) * 1.5 + 0.5
-        target = torch.randn(shape, generator=gen)
-        opt.zero_grad()
-        ((layer(x) - target) ** 2).mean().backward()
-        opt.step()
 
 
 # ---------------------------------------------------------------------------------------------- factory
@@ -207,7 +194,7 @@ def test_an_init_and_parameter_count():
 def test_an_matches_naive_reference(name, attention, shape):
     torch.manual_seed(1)
     layer = _make(name, shape[1], k=5, attention=attention)
-    _train_steps(layer, shape)
+    sgd_steps(layer, shape)
     x = torch.randn(shape) * 2 + 0.3
     layer.train()
     torch.testing.assert_close(layer(x).double(), naive_an(layer, x, training=True), atol=2e-4, rtol=2e-4)
@@ -218,7 +205,7 @@ def test_an_matches_naive_reference(name, attention, shape):
 def test_an_eval_uses_running_stats_and_is_per_sample():
     torch.manual_seed(2)
     layer = an.create_norm("an", 16, k=4)
-    _train_steps(layer, (6, 16, 4, 4))
+    sgd_steps(layer, (6, 16, 4, 4))
     layer.eval()
     x = torch.randn(6, 16, 4, 4)
     full = layer(x)
@@ -338,7 +325,7 @@ def test_an_gradcheck(name, attention, training):
     torch.manual_seed(8)
     layer = _make(name, 4, groups=2, k=3, attention=attention).double()
     if not training:
-        _train_steps(layer.float(), (4, 4, 3, 3))
+        sgd_steps(layer.float(), (4, 4, 3, 3))
         layer.double()
     layer.train(training)  # train mode updates running stats, but its output never reads them
     x = (torch.randn(4, 4, 3, 3, dtype=torch.float64) * 2).requires_grad_()

@@ -6,20 +6,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import an
-from tests.conftest import gradcheck_layer
+from tests.conftest import gradcheck_layer, sgd_steps
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-def _train_steps(layer: nn.Module, shape, steps: int = 4, seed: int = 0) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.SGD(layer.parameters(), lr=0.05)
-    layer.train()
-    for _ in range(steps):
-        x = torch.randn(shape, generator=gen) * 1.5 + 0.5
-        opt.zero_grad()
-        ((layer(x) - torch.randn(shape, generator=gen)) ** 2).mean().backward()
-        opt.step()
 
 
 # ---------------------------------------------------------------------------------------------- SN
@@ -63,7 +52,7 @@ def test_sn_init_and_weights_sum_to_one():
 def test_sn_matches_naive_reference(shape):
     torch.manual_seed(0)
     layer = an.create_norm("sn", shape[1])
-    _train_steps(layer, shape)
+    sgd_steps(layer, shape)
     assert not torch.allclose(layer.mean_weight, torch.zeros(3))  # the mixture learned something
     x = torch.randn(shape) * 2 + 1
     layer.train()
@@ -114,7 +103,7 @@ def test_sn_one_hot_reduces_to_in_ln_bn():
 def test_sn_eval_uses_running_stats_and_is_per_sample():
     torch.manual_seed(2)
     layer = an.create_norm("sn", 8)
-    _train_steps(layer, (6, 8, 4, 4))
+    sgd_steps(layer, (6, 8, 4, 4))
     layer.eval()
     x = torch.randn(6, 8, 4, 4)
     before = layer(x)
@@ -167,7 +156,7 @@ def test_iebn_init():
 def test_iebn_matches_naive_reference(shape):
     torch.manual_seed(4)
     layer = an.create_norm("iebn", shape[1])
-    _train_steps(layer, shape)
+    sgd_steps(layer, shape)
     assert not torch.allclose(layer.gate_weight, torch.zeros(shape[1]))
     x = torch.randn(shape) * 2 + 1
     layer.train()

@@ -37,28 +37,25 @@ def test_unknown_key_names_key_file_and_suggestion(tmp_path):
     assert "optim.learning_rate" in msg and str(path) in msg and "Valid keys of 'optim'" in msg and "lr" in msg
 
 
-def test_typo_gets_did_you_mean(tmp_path):
-    with pytest.raises(ConfigError, match=r"Did you mean 'weight_decay'"):
-        load_config(write(tmp_path, "optim:\n  weight_decy: 0.1\n"))
-    with pytest.raises(ConfigError, match=r"Unknown config section 'optm'.*Did you mean 'optim'"):
-        load_config(write(tmp_path, "optm:\n  lr: 0.1\n"))
-
-
-def test_wrong_type_and_bad_value(tmp_path):
-    with pytest.raises(ConfigError, match=r"data.batch_size.*expected an integer"):
-        load_config(write(tmp_path, "data:\n  batch_size: many\n"))
-    with pytest.raises(ConfigError, match=r"data.batch_size.*expected an integer >= 1"):
-        load_config(write(tmp_path, "data:\n  batch_size: 0\n"))
-    with pytest.raises(ConfigError, match=r"train.amp.*one of 'bf16', 'fp16', 'none'.*Did you mean 'bf16'"):
-        load_config(write(tmp_path, "train:\n  amp: bf61\n"))
-    with pytest.raises(ConfigError, match=r"train.channels_last.*true/false"):
-        load_config(write(tmp_path, "train:\n  channels_last: 1\n"))  # an int is not silently a bool
-    with pytest.raises(ConfigError, match=r"data.scale"):
-        load_config(write(tmp_path, "data:\n  scale: [0.9, 0.1]\n"))
-    with pytest.raises(ConfigError, match=r"ResNet: 'norm_k' must be an integer >= 1, got 0"):
-        load_config(write(tmp_path, "model:\n  norm_k: [10, 0, 20, 20]\n"))
-    with pytest.raises(ConfigError, match=r"must be a mapping"):
-        load_config(write(tmp_path, "model: resnet50\n"))
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        # a typo gets "did you mean"
+        ("optim:\n  weight_decy: 0.1\n", r"Did you mean 'weight_decay'"),
+        ("optm:\n  lr: 0.1\n", r"Unknown config section 'optm'.*Did you mean 'optim'"),
+        # a wrong type or a bad value
+        ("data:\n  batch_size: many\n", r"data.batch_size.*expected an integer"),
+        ("data:\n  batch_size: 0\n", r"data.batch_size.*expected an integer >= 1"),
+        ("train:\n  amp: bf61\n", r"train.amp.*one of 'bf16', 'fp16', 'none'.*Did you mean 'bf16'"),
+        ("train:\n  channels_last: 1\n", r"train.channels_last.*true/false"),  # an int is not silently a bool
+        ("data:\n  scale: [0.9, 0.1]\n", r"data.scale"),
+        ("model:\n  norm_k: [10, 0, 20, 20]\n", r"ResNet: 'norm_k' must be an integer >= 1, got 0"),
+        ("model: resnet50\n", r"must be a mapping"),
+    ],
+)
+def test_typo_wrong_type_and_bad_value(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(tmp_path, text))
 
 
 def test_int_accepted_for_float_and_integral_float_for_int():

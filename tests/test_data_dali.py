@@ -9,7 +9,7 @@ import torch
 
 import data
 from engine.config import Config
-from tests.conftest import data_config
+from tests.conftest import collect, data_config
 from tests.image_folders import corrupt_file, make_image_folder
 
 pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed")
@@ -19,20 +19,9 @@ def make_cfg(root, backend="dali_cpu", batch_size=2, **data_kw) -> Config:
     return data_config(root, backend, batch_size=batch_size, workers=1, **data_kw)
 
 
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    return make_image_folder(
-        tmp_path_factory.mktemp("ds"), train_per_class=[5, 4, 4], val_per_class=[3, 2, 2], size=(64, 48)
-    )
-
-
-def collect(iterable):
-    return [(x.clone(), y.clone()) for x, y in iterable]
-
-
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
-def test_batches_shapes_dtypes_ranges(dataset, fmt):
-    cfg = make_cfg(dataset, eval_batch_size=3)
+def test_batches_shapes_dtypes_ranges(jpeg_dataset, fmt):
+    cfg = make_cfg(jpeg_dataset, eval_batch_size=3)
     lo = (0 - max(cfg.data.mean)) / min(cfg.data.std)
     hi = (1 - min(cfg.data.mean)) / min(cfg.data.std)
     with data.build_loaders(cfg, memory_format=fmt) as ld:
@@ -48,12 +37,12 @@ def test_batches_shapes_dtypes_ranges(dataset, fmt):
         assert sorted(torch.cat([y for _, y in val]).tolist()) == [0, 0, 0, 1, 1, 2, 2]
 
 
-def test_same_shards_as_the_torch_backend(dataset):
+def test_same_shards_as_the_torch_backend(jpeg_dataset):
     """Both backends read the same samples at every step (labels here; pixels differ by augmentation)."""
     for rank in range(2):
         with (
-            data.build_loaders(make_cfg(dataset, "torch"), rank=rank, world_size=2) as t,
-            data.build_loaders(make_cfg(dataset), rank=rank, world_size=2) as d,
+            data.build_loaders(make_cfg(jpeg_dataset, "torch"), rank=rank, world_size=2) as t,
+            data.build_loaders(make_cfg(jpeg_dataset), rank=rank, world_size=2) as d,
         ):
             assert t.steps_per_epoch == d.steps_per_epoch
             for epoch in (0, 1):
@@ -65,10 +54,12 @@ def test_same_shards_as_the_torch_backend(dataset):
             assert torch.equal(resumed, torch.cat([y for _, y in t.train.epoch(1)])[2 * 2 :])
 
 
-def test_validation_every_image_once_across_ranks(dataset):
+def test_validation_every_image_once_across_ranks(jpeg_dataset):
     labels, counts = [], []
     for rank in range(2):
-        with data.build_loaders(make_cfg(dataset, eval_batch_size=2), rank=rank, world_size=2, build_train=False) as ld:
+        with data.build_loaders(
+            make_cfg(jpeg_dataset, eval_batch_size=2), rank=rank, world_size=2, build_train=False
+        ) as ld:
             for _ in range(2):  # a second pass starts again at the first image
                 batches = collect(ld.val)
                 assert sum(len(y) for _, y in batches) == ld.val.num_samples
@@ -79,32 +70,32 @@ def test_validation_every_image_once_across_ranks(dataset):
 
 @pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
 @pytest.mark.parametrize("img_size,crop_pct", [(16, 0.875), (40, 1.0), (56, 0.875)])
-def test_eval_images_match_the_torch_backend(dataset, interpolation, img_size, crop_pct):
+def test_eval_images_match_the_torch_backend(jpeg_dataset, interpolation, img_size, crop_pct):
     out = {}
     for backend in ("torch", "dali_cpu"):
-        cfg = make_cfg(dataset, backend, img_size=img_size, crop_pct=crop_pct, interpolation=interpolation)
+        cfg = make_cfg(jpeg_dataset, backend, img_size=img_size, crop_pct=crop_pct, interpolation=interpolation)
         with data.build_loaders(cfg, build_train=False) as ld:
             out[backend] = collect(ld.val)
     x_torch = torch.cat([x for x, _ in out["torch"]])
     x_dali = torch.cat([x for x, _ in out["dali_cpu"]])
     assert torch.equal(torch.cat([y for _, y in out["torch"]]), torch.cat([y for _, y in out["dali_cpu"]]))
     diff = (x_torch - x_dali).abs()
-    grey_level = 1 / (255 * min(make_cfg(dataset).data.std))  # one uint8 step in normalized units
+    grey_level = 1 / (255 * min(make_cfg(jpeg_dataset).data.std))  # one uint8 step in normalized units
     # Same decode (libjpeg-turbo), same crop window, same output sizes; resampling kernels differ slightly.
     assert diff.mean() < 0.25 * grey_level, diff.mean()
     assert diff.max() <= 2 * grey_level + 1e-6, diff.max()
 
 
-def test_normalization_inside_the_pipeline_matches(dataset):
+def test_normalization_inside_the_pipeline_matches(jpeg_dataset):
     """The GPU path normalizes with crop_mirror_normalize; run that graph on the CPU against the uint8 path."""
     from data.base import make_normalizer
     from data.dali import DaliTrainLoader, DaliValLoader
     from data.folder import scan_split
 
-    cfg = make_cfg(dataset)
+    cfg = make_cfg(jpeg_dataset)
     for fmt in (torch.contiguous_format, torch.channels_last):
         norm = make_normalizer(cfg.data, torch.device("cpu"), fmt)
-        files = scan_split(dataset, "val").files
+        files = scan_split(jpeg_dataset, "val").files
         kw = {
             "rank": 0,
             "world_size": 1,
@@ -118,7 +109,7 @@ def test_normalization_inside_the_pipeline_matches(dataset):
         for (xa, ya), (xb, yb) in zip(a, b):
             assert xa.is_contiguous(memory_format=fmt) and torch.equal(ya, yb)
             torch.testing.assert_close(xa, xb, atol=1e-5, rtol=0)
-        files = scan_split(dataset, "train").files
+        files = scan_split(jpeg_dataset, "train").files
         kw["seed"], kw["steps"] = 0, 2
         t1 = collect(DaliTrainLoader(files, cfg.data, normalize_in_pipeline=True, **kw).epoch(0))
         t2 = collect(DaliTrainLoader(files, cfg.data, normalize_in_pipeline=False, **kw).epoch(0))
@@ -126,8 +117,8 @@ def test_normalization_inside_the_pipeline_matches(dataset):
             torch.testing.assert_close(xa, xb, atol=1e-5, rtol=0)
 
 
-def test_epochs_differ_and_augmentation_is_seeded(dataset):
-    with data.build_loaders(make_cfg(dataset)) as a, data.build_loaders(make_cfg(dataset)) as b:
+def test_epochs_differ_and_augmentation_is_seeded(jpeg_dataset):
+    with data.build_loaders(make_cfg(jpeg_dataset)) as a, data.build_loaders(make_cfg(jpeg_dataset)) as b:
         e0, e0b, e1 = collect(a.train.epoch(0)), collect(b.train.epoch(0)), collect(a.train.epoch(1))
     assert all(torch.equal(x, x2) for (x, _), (x2, _) in zip(e0, e0b))  # same (seed, rank, epoch)
     assert not all(torch.equal(x, x1) for (x, _), (x1, _) in zip(e0, e1))
@@ -145,17 +136,17 @@ def test_corrupt_file_names_the_file(tmp_path):
     assert str(bad) in message and "tools/check_dataset.py" in message and str(root) in message
 
 
-def test_dali_gpu_backend_needs_cuda(dataset):
+def test_dali_gpu_backend_needs_cuda(jpeg_dataset):
     with pytest.raises(ValueError, match="dali_cpu"):
-        data.build_loaders(make_cfg(dataset, "dali"), device="cpu")
+        data.build_loaders(make_cfg(jpeg_dataset, "dali"), device="cpu")
 
 
-def test_missing_dali_gives_install_hint(dataset, monkeypatch):
+def test_missing_dali_gives_install_hint(jpeg_dataset, monkeypatch):
     for name in [m for m in sys.modules if m == "nvidia.dali" or m.startswith("nvidia.dali.")]:
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, "nvidia.dali", None)  # makes `import nvidia.dali...` fail
     with pytest.raises(ImportError) as info:
-        data.build_loaders(make_cfg(dataset))
+        data.build_loaders(make_cfg(jpeg_dataset))
     assert "pip install nvidia-dali-cuda130" in str(info.value) and "data.backend=torch" in str(info.value)
 
 

@@ -7,8 +7,7 @@ import torch
 
 import data
 from engine.config import Config
-from tests.conftest import data_config
-from tests.image_folders import make_image_folder
+from tests.conftest import collect, data_config
 
 pytestmark = [
     pytest.mark.gpu,
@@ -21,45 +20,34 @@ def make_cfg(root, backend, **data_kw) -> Config:
     return data_config(root, backend, synthetic_train_size=40, synthetic_val_size=7, **{**sizes, **data_kw})
 
 
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    return make_image_folder(
-        tmp_path_factory.mktemp("ds"), train_per_class=[5, 4, 4], val_per_class=[3, 2, 2], size=(64, 48)
-    )
-
-
-def collect(iterable):
-    return [(x.clone(), y.clone()) for x, y in iterable]
-
-
 @pytest.mark.parametrize("backend", ["torch", "synthetic", "dali_cpu", "dali"])
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
-def test_batches_on_cuda(dataset, backend, fmt):
+def test_batches_on_cuda(jpeg_dataset, backend, fmt):
     if backend.startswith("dali"):
         pytest.importorskip("nvidia.dali")
-    with data.build_loaders(make_cfg(dataset, backend), device="cuda", memory_format=fmt) as ld:
+    with data.build_loaders(make_cfg(jpeg_dataset, backend), device="cuda", memory_format=fmt) as ld:
         for x, y in list(ld.train.epoch(0)) + list(ld.val):
             assert x.is_cuda and y.is_cuda and x.dtype == torch.float32 and y.dtype == torch.int64
             assert x.shape[1:] == (3, 32, 32) and x.is_contiguous(memory_format=fmt)
         assert sum(len(y) for _, y in ld.val) == ld.val.total_samples
 
 
-def test_cuda_batches_equal_cpu_batches(dataset):
+def test_cuda_batches_equal_cpu_batches(jpeg_dataset):
     """The side-stream copy + on-device normalization gives the CPU loader's values."""
     with (
-        data.build_loaders(make_cfg(dataset, "torch"), device="cuda") as gpu,
-        data.build_loaders(make_cfg(dataset, "torch"), device="cpu") as cpu,
+        data.build_loaders(make_cfg(jpeg_dataset, "torch"), device="cuda") as gpu,
+        data.build_loaders(make_cfg(jpeg_dataset, "torch"), device="cpu") as cpu,
     ):
         for (xg, yg), (xc, yc) in zip(collect(gpu.train.epoch(1)), collect(cpu.train.epoch(1))):
             torch.testing.assert_close(xg.cpu(), xc, atol=1e-6, rtol=0)
             assert torch.equal(yg.cpu(), yc)
 
 
-def test_dali_gpu_eval_matches_dali_cpu(dataset):
+def test_dali_gpu_eval_matches_dali_cpu(jpeg_dataset):
     pytest.importorskip("nvidia.dali")
     out = {}
     for backend in ("dali", "dali_cpu"):
-        with data.build_loaders(make_cfg(dataset, backend), device="cuda", build_train=False) as ld:
+        with data.build_loaders(make_cfg(jpeg_dataset, backend), device="cuda", build_train=False) as ld:
             out[backend] = torch.cat([x for x, _ in ld.val]).cpu()
     grey_level = 1 / (255 * 0.225)
     # nvJPEG (fancy upsampling on) and the GPU resampler differ from libjpeg-turbo and the CPU resampler a little.

@@ -7,7 +7,7 @@ import torch
 
 import data
 from engine.config import Config
-from tests.conftest import data_config
+from tests.conftest import collect, data_config
 
 
 def make_cfg(train_size=50, val_size=11, batch_size=4, **data_kw) -> Config:
@@ -23,10 +23,6 @@ def make_cfg(train_size=50, val_size=11, batch_size=4, **data_kw) -> Config:
         synthetic_bank_size=16,
         **data_kw,
     )
-
-
-def collect(iterable):
-    return [(x.clone(), y.clone()) for x, y in iterable]
 
 
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])

@@ -9,7 +9,7 @@ import torch
 
 import data
 from engine.config import Config
-from tests.conftest import data_config
+from tests.conftest import collect, data_config
 from tests.image_folders import corrupt_file, make_image_folder
 
 
@@ -21,10 +21,6 @@ def make_cfg(root, backend="torch", batch_size=2, workers=0, **data_kw) -> Confi
 def dataset(tmp_path_factory):
     # 3 classes; 5 + 4 + 4 = 13 training images, 3 + 2 + 2 = 7 validation images (odd counts on purpose).
     return make_image_folder(tmp_path_factory.mktemp("ds"), train_per_class=[5, 4, 4], val_per_class=[3, 2, 2])
-
-
-def collect(iterable):
-    return [(x.clone(), y.clone()) for x, y in iterable]
 
 
 def image_keys(images: torch.Tensor) -> list[bytes]:

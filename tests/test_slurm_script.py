@@ -173,11 +173,13 @@ def test_requeue_is_decided_from_the_trainers_status_file(fake_slurm, state, rc,
     assert result.returncode == 1 and "state unknown" in result.stdout
 
 
-def test_a_run_that_failed_is_not_requeued_even_when_signalled(fake_slurm):
+def signal_sbatch(fake_slurm, **extra_env) -> tuple[int, str, str]:
+    """Runs train.sbatch with a fake srun that waits; once srun runs, SIGUSR1s the batch shell (what
+    `#SBATCH --signal=B:USR1@180` delivers to it). Returns the exit status, stdout and stderr."""
     env, tmp = fake_slurm
     proc = subprocess.Popen(
         ["bash", str(SBATCH), "resnet50_an.yaml"],
-        env={**env, "FAKE_SRUN_MODE": "wait_for_term", "FAKE_STATE": "failed", "FAKE_SRUN_RC": "1"},
+        env={**env, "FAKE_SRUN_MODE": "wait_for_term", **extra_env},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -188,25 +190,19 @@ def test_a_run_that_failed_is_not_requeued_even_when_signalled(fake_slurm):
         time.sleep(0.05)
     proc.send_signal(signal.SIGUSR1)
     out, err = proc.communicate(timeout=30)
-    assert proc.returncode == 1 and not (tmp / "scontrol.log").exists(), out + err
+    return proc.returncode, out, err
+
+
+def test_a_run_that_failed_is_not_requeued_even_when_signalled(fake_slurm):
+    tmp = fake_slurm[1]
+    returncode, out, err = signal_sbatch(fake_slurm, FAKE_STATE="failed", FAKE_SRUN_RC="1")
+    assert returncode == 1 and not (tmp / "scontrol.log").exists(), out + err
 
 
 def test_time_limit_signal_is_forwarded_then_job_requeued(fake_slurm):
-    env, tmp = fake_slurm
-    proc = subprocess.Popen(
-        ["bash", str(SBATCH), "resnet50_an.yaml"],
-        env={**env, "FAKE_SRUN_MODE": "wait_for_term"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.time() + 20
-    while not (tmp / "srun.started").exists():
-        assert time.time() < deadline, "fake srun never started"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGUSR1)  # what `#SBATCH --signal=B:USR1@180` delivers to the batch shell
-    out, err = proc.communicate(timeout=30)
-    assert proc.returncode == 0, err
+    tmp = fake_slurm[1]
+    returncode, out, err = signal_sbatch(fake_slurm)
+    assert returncode == 0, err
     assert (tmp / "srun.signals").read_text() == "TERM\n"  # forwarded to the training processes
     assert (tmp / "scontrol.log").read_text() == "requeue 123456\n"
     assert "signal received" in out

@@ -92,7 +92,28 @@ def test_train_then_eval_reproduces_the_validation_number(tmp_path, capsys):
     assert ema_result["top1"] == log[-1]["ema_top1"] and (run / "last.ema.eval.json").exists()
 
 
-class SignalAfter:
+class LoaderWrapper:
+    """Wraps a train loader: a subclass overrides ``epoch``; every other attribute is the wrapped loader's."""
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def wrap_train_loader(monkeypatch, wrap):
+    """Makes ``data.build_loaders`` wrap the training loader it builds in ``wrap(loader)``; returns the real
+    ``data.build_loaders`` (to put back with ``monkeypatch.setattr``)."""
+    real_build = data.build_loaders
+
+    def build_wrapped(*args, **kwargs):
+        loaders = real_build(*args, **kwargs)
+        loaders.train = wrap(loaders.train)
+        return loaders
+
+    monkeypatch.setattr(data, "build_loaders", build_wrapped)
+    return real_build
+
+
+class SignalAfter(LoaderWrapper):
     """Wraps a train loader; sends ``signum`` to this process after yielding batch ``at`` of epoch ``epoch``."""
 
     def __init__(self, inner, epoch: int, at: int, signum: int = signal.SIGTERM):
@@ -104,9 +125,6 @@ class SignalAfter:
             if epoch == self.signal_epoch and i == self.at:
                 os.kill(os.getpid(), self.signum)
 
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
 
 def test_stop_mid_epoch_and_resume_is_bitwise_equal(tmp_path, monkeypatch):
     sections = {"train": {"ema": True, "ema_decay": 0.9}}
@@ -114,15 +132,8 @@ def test_stop_mid_epoch_and_resume_is_bitwise_equal(tmp_path, monkeypatch):
     assert train.main(["--config", str(straight)]) == 0
 
     stopped = tiny_config(tmp_path / "b", **sections)
-    real_build = data.build_loaders
-
-    def build_with_signal(*args, **kwargs):
-        loaders = real_build(*args, **kwargs)
-        # SIGTERM arrives while batch 4 of epoch 2 is fetched: the run stops after step 4, mid-epoch.
-        loaders.train = SignalAfter(loaders.train, epoch=1, at=2)
-        return loaders
-
-    monkeypatch.setattr(data, "build_loaders", build_with_signal)
+    # SIGTERM arrives while batch 4 of epoch 2 is fetched: the run stops after step 4, mid-epoch.
+    real_build = wrap_train_loader(monkeypatch, lambda loader: SignalAfter(loader, epoch=1, at=2))
     assert train.main(["--config", str(stopped)]) == EXIT_PREEMPTED
     run_b = tmp_path / "b" / "run"
     status = json.loads((run_b / "status.json").read_text())
@@ -158,7 +169,7 @@ def test_finished_run_is_not_retrained_and_earlier_runs_are_not_overwritten(tmp_
         train.main(["--config", str(other)])
 
 
-class NaNAfter:
+class NaNAfter(LoaderWrapper):
     def __init__(self, inner, at: int):
         self.inner, self.at = inner, at
 
@@ -168,20 +179,10 @@ class NaNAfter:
                 x = torch.full_like(x, float("nan"))
             yield x, y
 
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, caplog):
     config = tiny_config(tmp_path, sched={"epochs": 3})
-    real_build = data.build_loaders
-
-    def build_with_nan(*args, **kwargs):
-        loaders = real_build(*args, **kwargs)
-        loaders.train = NaNAfter(loaders.train, at=1)
-        return loaders
-
-    monkeypatch.setattr(data, "build_loaders", build_with_nan)
+    wrap_train_loader(monkeypatch, lambda loader: NaNAfter(loader, at=1))
     assert train.main(["--config", str(config)]) == 1
     run = tmp_path / "run"
     status = json.loads((run / "status.json").read_text())
@@ -395,7 +396,7 @@ def test_compiled_training_saves_plain_weights(tmp_path, monkeypatch, capsys):
     assert result["top1"] == read_log(tmp_path / "run")[0]["val_top1"]
 
 
-class KilledAt:
+class KilledAt(LoaderWrapper):
     """Wraps a train loader; the process 'dies' (an uncatchable-style exception) while fetching a batch."""
 
     def __init__(self, inner, epoch: int, at: int):
@@ -407,9 +408,6 @@ class KilledAt:
                 raise KeyboardInterrupt("killed")
             yield batch
 
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
 
 def test_a_killed_run_loses_only_the_steps_since_its_timed_checkpoint(tmp_path, monkeypatch):
     straight = tiny_config(tmp_path / "a")
@@ -417,14 +415,7 @@ def test_a_killed_run_loses_only_the_steps_since_its_timed_checkpoint(tmp_path, 
 
     # save_minutes tiny: last.pth is refreshed after every optimizer step inside the epoch.
     killed = tiny_config(tmp_path / "b", train={"save_minutes": 1e-9})
-    real_build = data.build_loaders
-
-    def build_killed(*args, **kwargs):
-        loaders = real_build(*args, **kwargs)
-        loaders.train = KilledAt(loaders.train, epoch=1, at=4)
-        return loaders
-
-    monkeypatch.setattr(data, "build_loaders", build_killed)
+    real_build = wrap_train_loader(monkeypatch, lambda loader: KilledAt(loader, epoch=1, at=4))
     with pytest.raises(KeyboardInterrupt):
         train.main(["--config", str(killed)])
     run_b = tmp_path / "b" / "run"

@@ -38,6 +38,7 @@ from data.folder import (
     read_dir,
 )
 from engine.errors import main_guard
+from tools.listing import show_list
 
 _FORMAT_OF_EXT = {
     ".jpg": "JPEG",
@@ -144,13 +145,6 @@ def scan_split(root: Path, split: str, workers: int) -> SplitReport:
     return report
 
 
-def _show(items: list, limit: int) -> str:
-    lines = [f"    {item}" for item in items[:limit]]
-    if len(items) > limit:
-        lines.append(f"    ... ({len(items)} in all)")
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("root", type=Path, help="dataset root holding train/ and val/")
@@ -174,24 +168,25 @@ def main(argv: list[str] | None = None) -> int:
         if r.unreadable:
             print(
                 f"  problem: unreadable images (the torch backend skips them, DALI stops on them):\n"
-                f"{_show([f'{p} ({e})' for p, e in r.unreadable], args.max_list)}"
+                f"{show_list([f'{p} ({e})' for p, e in r.unreadable], args.max_list)}"
             )
         if r.not_images:
             print(
                 f"  problem: files that are not images (extensions accepted: {', '.join(IMG_EXTENSIONS)}):\n"
-                f"{_show(r.not_images, args.max_list)}"
+                f"{show_list(r.not_images, args.max_list)}"
             )
         if r.empty_classes:
-            print(f"  problem: class folders without images:\n{_show(r.empty_classes, args.max_list)}")
+            print(f"  problem: class folders without images:\n{show_list(r.empty_classes, args.max_list)}")
         if r.unreadable_classes:
             print(
                 f"  problem: class folders none of whose images can be decoded (training stops on them; replace "
-                f"the images, or remove the class from train/ and val/):\n{_show(r.unreadable_classes, args.max_list)}"
+                f"the images, or remove the class from train/ and val/):\n"
+                f"{show_list(r.unreadable_classes, args.max_list)}"
             )
         if r.format_mismatch:
             print(
                 f"  note: {len(r.format_mismatch)} files hold another format than their extension says "
-                f"(both backends decode by content):\n{_show(r.format_mismatch, args.max_list)}"
+                f"(both backends decode by content):\n{show_list(r.format_mismatch, args.max_list)}"
             )
         other_modes = {m: n for m, n in r.modes.items() if m != "RGB"}
         if other_modes:

@@ -40,7 +40,7 @@ from torch import nn
 
 from engine import checkpoint as ck
 from engine.build import build_model
-from engine.config import ConfigError, apply_overrides, config_from_dict, load_config, validate_model
+from engine.config import ConfigError, checkpoint_config, validate_model
 
 FORMATS = ("onnx", "torchscript", "exported")
 ONNX_EXPORTERS = ("dynamo", "torchscript")
@@ -68,20 +68,9 @@ def load_model(checkpoint: str | Path, config: str | None = None, overrides=(), 
     """The checkpoint's model in eval mode on the CPU, and its config."""
     path = Path(checkpoint)
     ckpt = ck.load_checkpoint(path, map_location="cpu")
-    if config:
-        cfg = load_config(config, overrides)
-    else:
-        if "config" not in ckpt:
-            raise ConfigError(f"{path} holds no config; pass --config with the experiment's YAML file.")
-        cfg = config_from_dict(ckpt["config"], source=f"the config stored in {path}")
-        apply_overrides(cfg, overrides)
+    cfg = checkpoint_config(ckpt, path, config, overrides)
     validate_model(cfg, config or str(path))
-    if ema:
-        if ckpt.get("ema") is None:
-            raise ck.CheckpointError(f"{path} has no EMA weights (the run had train.ema=false); drop --ema.")
-        state = {k.removeprefix("module."): v for k, v in ckpt["ema"].items() if k.startswith("module.")}
-    else:
-        state = ckpt["model"]
+    state = ck.model_weights(ckpt, path, ema)
     model = build_model(cfg)
     ck.load_model_state(model, state, path)
     return model.eval(), cfg

@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root
 
 from data.folder import is_image_file
 from engine.errors import main_guard
+from tools.listing import show_list
 
 
 class GroundTruthError(ValueError):
@@ -152,13 +153,6 @@ def execute(plan: Plan) -> int:
     return moved
 
 
-def _show(items: list, limit: int = 10) -> str:
-    lines = [f"    {item}" for item in items[:limit]]
-    if len(items) > limit:
-        lines.append(f"    ... ({len(items)} in all)")
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("val_dir", type=Path, help="the validation folder (flat, or partly sorted)")
@@ -189,20 +183,20 @@ def main(argv: list[str] | None = None) -> int:
     if plan.unmatched:
         print(
             f"warning: {len(plan.unmatched)} images are not in the ground truth and were left in place:\n"
-            f"{_show(plan.unmatched)}"
+            f"{show_list(plan.unmatched)}"
         )
     if plan.missing:
-        print(f"warning: {len(plan.missing)} ground-truth images were not found:\n{_show(plan.missing)}")
+        print(f"warning: {len(plan.missing)} ground-truth images were not found:\n{show_list(plan.missing)}")
     if plan.misplaced:
         print(
             f"warning: {len(plan.misplaced)} images sit in a class folder that disagrees with the ground truth "
-            f"(not moved):\n{_show([f'{p} (ground truth: {c})' for p, c in plan.misplaced])}"
+            f"(not moved):\n{show_list([f'{p} (ground truth: {c})' for p, c in plan.misplaced])}"
         )
     if plan.conflicts:
         print(
             f"error: {len(plan.conflicts)} images were not moved because the destination exists (never "
             f"overwritten; compare and remove one copy by hand):\n"
-            f"{_show([f'{s} -> {d}' for s, d in plan.conflicts])}",
+            f"{show_list([f'{s} -> {d}' for s, d in plan.conflicts])}",
             file=sys.stderr,
         )
         return 1
