@@ -195,7 +195,7 @@ def check_converted(out: Path, row: str) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Every official layout converts, loads strictly, and converts identically twice.
+# Every official layout converts and loads strictly; the fast ones convert identically twice.
 # ---------------------------------------------------------------------------------------------------
 
 ROWS = sorted(layouts())
@@ -207,8 +207,9 @@ def test_every_official_layout_converts(tmp_path, row):
     write_official(tmp_path / "official", row, legacy=row != "r50bn")  # the zip format once, the legacy one else
     out1, out2 = tmp_path / "a.pth", tmp_path / "b.pth"
     report = official.convert(tmp_path / "official", out1)
-    official.convert(tmp_path / "official", out2)
-    assert out1.read_bytes() == out2.read_bytes()  # deterministic
+    if row in FAST:  # deterministic (once per family is enough: the full-size AOGNets take 15 s a conversion)
+        official.convert(tmp_path / "official", out2)
+        assert out1.read_bytes() == out2.read_bytes()
     ckpt = check_converted(out1, row)
     assert report["epoch"] == ckpt["epoch"] == 120 and report["best_prec1"] == pytest.approx(77.25)
     assert ckpt["official"]["best_prec1"] == pytest.approx(77.25)
