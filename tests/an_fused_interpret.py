@@ -43,8 +43,10 @@ def _as(x, cl):
 
 @pytest.mark.parametrize("shape", KERNEL_SHAPES)
 @pytest.mark.parametrize("dtype", list(TOL), ids=str)
-@pytest.mark.parametrize("cl", [False, True], ids=["nchw", "channels_last"])
-@pytest.mark.parametrize("programs", [1, 64], ids=["one_split", "split_hw"])
+# Layouts and H*W splitting: each alone and together (the interpreter runs every program in Python).
+@pytest.mark.parametrize(
+    ("cl", "programs"), [(False, 1), (False, 64), (True, 64)], ids=["nchw-one_split", "nchw-split_hw", "cl-split_hw"]
+)
 def test_kernels_match_float64(shape, dtype, cl, programs, poisoned, monkeypatch):
     monkeypatch.setattr(fused, "CPU_PROGRAMS", programs)
     gen = torch.Generator().manual_seed(0)
@@ -100,8 +102,11 @@ def launches(layer, x, g=None):
 
 @pytest.mark.parametrize("name", ["an", "an_gn"])
 @pytest.mark.parametrize("attention", ["hsigmoid", "sigmoid", "softmax"])
-@pytest.mark.parametrize("shape", [(4, 8, 5, 5), (3, 16, 4, 6), (2, 8, 1, 1)])
-@pytest.mark.parametrize("cl", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize(
+    ("shape", "cl"),
+    [((4, 8, 5, 5), False), ((4, 8, 5, 5), True), ((3, 16, 4, 6), True), ((2, 8, 1, 1), False)],
+    ids=["4x8x5x5-nchw", "4x8x5x5-cl", "3x16x4x6-cl", "2x8x1x1-nchw"],
+)
 def test_whole_layer_in_triton_matches_reference(name, attention, shape, cl):
     """The whole path (small math and its derivative in Triton) against the reference, train and eval, with the
     running statistics; 9 launches per training step and 4 per evaluation forward, and no aten kernel at all."""

@@ -111,19 +111,19 @@ def start_two_ranks(config: Path, until: str) -> tuple[subprocess.Popen, list[st
 
 
 def test_sigterm_to_one_rank_stops_all_ranks_at_the_same_step_and_resumes_exactly(tmp_path):
-    sections = {"data": {"synthetic_train_size": 480}, "log": {"interval": 1, "progress": "lines"}}
+    sections = {"data": {"synthetic_train_size": 240}, "log": {"interval": 1, "progress": "lines"}}
     straight = tiny_config(tmp_path / "a", **sections)
     result = run(torchrun("--standalone", "--nproc_per_node", "2", "train.py", "--config", str(straight)))
     assert result.returncode == 0, result.stdout + result.stderr
 
-    proc, cmd, pids = start_two_ranks(tiny_config(tmp_path / "b", **sections), until="epoch 1/2 [4/30]")
+    proc, cmd, pids = start_two_ranks(tiny_config(tmp_path / "b", **sections), until="epoch 1/2 [4/15]")
     os.kill(pids[1], signal.SIGTERM)  # only rank 1 is told; rank 0 must stop at the same step
     out, _ = proc.communicate(timeout=180)
     assert "exitcode  : 75" in out or "exitcode: 75" in out.replace(" ", ""), out
     status = json.loads((tmp_path / "b" / "run" / "status.json").read_text())
     assert status["state"] == "preempted" and status["epoch"] == 0
     mid = ck.load_checkpoint(tmp_path / "b" / "run" / "last.pth")
-    assert mid["step_in_epoch"] == status["step"] and 4 <= status["step"] < 30
+    assert mid["step_in_epoch"] == status["step"] and 4 <= status["step"] < 15
     assert len(mid["rng"]) == 2  # every rank's RNG state, so each resumes its own stream
 
     result = run(cmd)  # the same command resumes
@@ -144,7 +144,7 @@ def test_hard_kill_between_timed_checkpoints_of_two_ranks_resumes_bitwise(tmp_pa
     reseeded the others) would train on other mixes and end with other weights.
     """
     sections = {
-        "data": {"synthetic_train_size": 480},  # 30 steps per epoch per rank
+        "data": {"synthetic_train_size": 240},  # 15 steps per epoch per rank
         "train": {"mixup": 0.4, "save_minutes": 1e-9},  # a timed checkpoint at every check
         "dist": {"signal_check_every": 3},
         "log": {"interval": 1, "progress": "lines"},
@@ -154,7 +154,7 @@ def test_hard_kill_between_timed_checkpoints_of_two_ranks_resumes_bitwise(tmp_pa
     assert result.returncode == 0, result.stdout + result.stderr
 
     config = tiny_config(tmp_path / "b", **sections)
-    proc, cmd, pids = start_two_ranks(config, until="epoch 1/2 [8/30]")  # past the timed saves at steps 3 and 6
+    proc, cmd, pids = start_two_ranks(config, until="epoch 1/2 [8/15]")  # past the timed saves at steps 3 and 6
     for pid in (pids[0], pids[1], proc.pid):  # the whole job dies at once, as when a node is lost
         os.kill(pid, signal.SIGKILL)
     proc.communicate(timeout=60)
@@ -167,7 +167,7 @@ def test_hard_kill_between_timed_checkpoints_of_two_ranks_resumes_bitwise(tmp_pa
     assert f"epoch 0, step {mid['step_in_epoch']}" in result.stdout and "reseeded" not in result.stdout
     a = ck.load_checkpoint(tmp_path / "a" / "run" / "last.pth")
     b = ck.load_checkpoint(tmp_path / "b" / "run" / "last.pth")
-    assert a["global_update"] == b["global_update"] == 60
+    assert a["global_update"] == b["global_update"] == 30
     for key in ("model", "optimizer"):
         flat_a, flat_b = _tensors(a[key]), _tensors(b[key])
         assert flat_a.keys() == flat_b.keys()
