@@ -15,7 +15,7 @@ from engine.config import Config
 from tests.image_folders import make_image_folder
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
-    # Under pytest-xdist (pyproject.toml runs one worker per core) every worker, and every process a test
+    # Under pytest-xdist (the README's test command runs one worker per core) every worker, and every process a test
     # starts, computes on one thread: two workers with two threads each would only fight over two cores.
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
