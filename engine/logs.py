@@ -32,9 +32,6 @@ class _CurrentStdout(logging.StreamHandler):
     """A console handler that writes to whatever ``sys.stdout`` is at the time of each record (a notebook or a
     test harness may swap it), rather than to the stream that was current when the handler was made."""
 
-    def __init__(self):
-        super().__init__()
-
     @property
     def stream(self):
         return sys.stdout
