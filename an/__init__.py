@@ -23,7 +23,7 @@ Public interface (other packages rely on these names):
   (``an/standardize.py``); :class:`NormAct2d`, a norm with timm's norm+act interface (``an/norm_act.py``).
 """
 
-from an import factory  # registers the built-in norms and attention layers
+from an import factory, registry  # factory registers the built-in norms and attention layers
 from an.attentive import ATTENTION_MODES, AttentiveBatchNorm2d, AttentiveGroupNorm2d, AttentiveNorm2d, MixtureAttention
 from an.convert import NormConversion, convert_norms
 from an.deploy import fx_leaf_modules
@@ -36,36 +36,19 @@ from an.fused import (
 from an.iebn import IEBatchNorm2d
 from an.norm_act import NormAct2d
 from an.policy import param_groups, zero_init_
-from an.registry import (
-    AttnEntry,
-    NormEntry,
-    attn_entry,
-    build_norm_layer,
-    create_attn,
-    create_norm,
-    get_attn_layer,
-    get_norm_act_layer,
-    get_norm_layer,
-    list_attns,
-    list_norms,
-    norm_entry,
-    register_attn,
-    register_norm,
-    registered_norm,
-    unregister_attn,
-    unregister_norm,
-)
+from an.registry import *  # noqa: F403 (the registry's public names, listed in its __all__)
 from an.se import SqueezeExcite
 from an.standardize import BatchStandardize2d, GroupStandardize2d
 from an.switchable import SwitchableNorm2d, SyncSwitchableNorm2d
 from an.sync import convert_sync_norm
 
+# The registry's public names, and the rest of the package's.
 __all__ = [
+    *registry.__all__,
     "ATTENTION_MODES",
     "AttentiveBatchNorm2d",
     "AttentiveGroupNorm2d",
     "AttentiveNorm2d",
-    "AttnEntry",
     "BatchStandardize2d",
     "CompileAttentiveBatchNorm2d",
     "CompileAttentiveGroupNorm2d",
@@ -76,29 +59,13 @@ __all__ = [
     "MixtureAttention",
     "NormAct2d",
     "NormConversion",
-    "NormEntry",
     "SqueezeExcite",
     "SwitchableNorm2d",
     "SyncSwitchableNorm2d",
-    "attn_entry",
-    "build_norm_layer",
     "convert_norms",
     "convert_sync_norm",
-    "create_attn",
-    "create_norm",
     "factory",
     "fx_leaf_modules",
-    "get_attn_layer",
-    "get_norm_act_layer",
-    "get_norm_layer",
-    "list_attns",
-    "list_norms",
-    "norm_entry",
     "param_groups",
-    "register_attn",
-    "register_norm",
-    "registered_norm",
-    "unregister_attn",
-    "unregister_norm",
     "zero_init_",
 ]
