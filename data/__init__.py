@@ -205,7 +205,7 @@ def build_loaders(
                     splits["val"].files, d, rank=rank, world_size=world_size, device=device, normalizer=normalizer
                 )
         else:
-            from data.dali import DaliTrainLoader, DaliValLoader
+            from data.dali import DaliOutput, DaliTrainLoader, DaliValLoader
 
             gpu = d.backend == "dali"
             if gpu and device.type != "cuda":
@@ -214,13 +214,13 @@ def build_loaders(
                     f"(all DALI operators on the CPU) or data.backend=torch."
                 )
             device_id = (device.index if device.index is not None else local_rank) if gpu else None
-            common = {"device": device, "gpu": gpu, "device_id": device_id, "normalizer": normalizer}
+            output = DaliOutput(device, gpu, device_id, normalizer)
             if build_train:
                 train = DaliTrainLoader(
-                    splits["train"].files, d, seed=seed, rank=rank, world_size=world_size, steps=steps, **common
+                    splits["train"].files, d, seed=seed, rank=rank, world_size=world_size, steps=steps, output=output
                 )
             if build_val:
-                val = DaliValLoader(splits["val"].files, d, rank=rank, world_size=world_size, **common)
+                val = DaliValLoader(splits["val"].files, d, rank=rank, world_size=world_size, output=output)
     except BaseException:
         for loader in (train, val):
             if loader is not None:

@@ -41,6 +41,7 @@ import math
 import os
 import types
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -246,36 +247,44 @@ def _find_unreadable(paths: list[str]) -> list[tuple[str, str]]:
     return bad
 
 
+@dataclass(frozen=True)
+class DaliOutput:
+    """Where a DALI loader's pipeline runs and how its batches come out (the same for both splits of a run).
+
+    Attributes:
+        device: The torch device batches are delivered to.
+        gpu: Decode and augment on the GPU (backend ``dali``) or on the CPU (``dali_cpu``).
+        device_id: The CUDA device of a GPU pipeline; None for a CPU pipeline.
+        normalizer: The run's mean/std and memory format.
+        normalize_in_pipeline: Normalize inside the pipeline (float32 out of DALI) or after it on the device
+            (uint8 out of DALI); None: inside on the GPU path only.
+    """
+
+    device: torch.device
+    gpu: bool
+    device_id: int | None
+    normalizer: Normalizer
+    normalize_in_pipeline: bool | None = None
+
+    @property
+    def normalize(self) -> bool:
+        """Whether the pipeline normalizes (and so outputs float32)."""
+        return self.gpu if self.normalize_in_pipeline is None else self.normalize_in_pipeline
+
+
 class _DaliRunner:
     """One split's pipeline for the whole run: planning, running, draining, output conversion and error reports."""
 
     def __init__(
-        self,
-        files: FileTable,
-        data_cfg: Any,
-        *,
-        train: bool,
-        batch_size: int,
-        seed: int,
-        gpu: bool,
-        device: torch.device,
-        device_id: int | None,
-        normalizer: Normalizer,
-        normalize_in_pipeline: bool | None,
-        what: str,
+        self, files: FileTable, data_cfg: Any, output: DaliOutput, *, train: bool, batch_size: int, seed: int, what: str
     ):
-        import_dali("dali" if gpu else "dali_cpu")
+        import_dali("dali" if output.gpu else "dali_cpu")
         self.files = files
         self.data_cfg = data_cfg
+        self.output = output
         self.train = train
         self.batch_size = batch_size
         self.seed = seed
-        self.gpu = gpu
-        self.device = device
-        self.device_id = device_id
-        self.normalizer = normalizer
-        self.normalize = gpu if normalize_in_pipeline is None else normalize_in_pipeline
-        self.channels_last = normalizer.memory_format == torch.channels_last
         self.what = what
         self._feed_ndarray = import_dali().feed_ndarray
         self.feed = BatchFeed(files)
@@ -290,11 +299,11 @@ class _DaliRunner:
             train=self.train,
             data_cfg=self.data_cfg,
             batch_size=self.batch_size,
-            gpu=self.gpu,
-            device_id=self.device_id,
+            gpu=self.output.gpu,
+            device_id=self.output.device_id,
             seed=self.seed,
-            normalize=self.normalize,
-            channels_last=self.channels_last,
+            normalize=self.output.normalize,
+            channels_last=self.output.normalizer.memory_format == torch.channels_last,
             what=self.what,
         )
         self.builds += 1
@@ -304,11 +313,12 @@ class _DaliRunner:
 
     def _to_torch(self, tensor_list, dtype: torch.dtype, on_device: bool) -> torch.Tensor:
         dense = tensor_list.as_tensor()
+        device = self.output.device
         if on_device:
-            out = torch.empty(dense.shape(), dtype=dtype, device=self.device)
-            self._feed_ndarray(dense, out, cuda_stream=torch.cuda.current_stream(self.device))
+            out = torch.empty(dense.shape(), dtype=dtype, device=device)
+            self._feed_ndarray(dense, out, cuda_stream=torch.cuda.current_stream(device))
         else:
-            out = torch.empty(dense.shape(), dtype=dtype, pin_memory=self.device.type == "cuda")
+            out = torch.empty(dense.shape(), dtype=dtype, pin_memory=device.type == "cuda")
             self._feed_ndarray(dense, out)
         return out
 
@@ -337,14 +347,16 @@ class _DaliRunner:
                 except (RuntimeError, StopIteration) as e:
                     self.pipe = None  # not reusable after a failed iteration
                     raise self._decode_error(e, batches, k, label) from None
-                x = self._to_torch(images, torch.float32 if self.normalize else torch.uint8, self.gpu)
+                normalized = self.output.normalize
+                x = self._to_torch(images, torch.float32 if normalized else torch.uint8, self.output.gpu)
                 y = self._to_torch(labels, torch.int32, False).view(-1)
                 assert len(y) == len(indices), "DALI returned a batch of another size than planned"
                 del images, labels
-                if self.normalize:
-                    if self.channels_last:
+                if normalized:
+                    if self.output.normalizer.memory_format == torch.channels_last:
                         x = x.permute(0, 3, 1, 2)
-                    yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True).long()
+                    device = self.output.device
+                    yield x.to(device, non_blocking=True), y.to(device, non_blocking=True).long()
                 else:
                     yield x, y
             done = True
@@ -357,11 +369,12 @@ class _DaliRunner:
     def batches(self, batches: list[np.ndarray], label: str) -> Iterator[Batch]:
         """Device batches in the requested memory format."""
         host = self.run(batches, label)
-        if self.normalize:
+        normalizer = self.output.normalizer
+        if self.output.normalize:
             for x, y in host:
-                yield self.normalizer.format(x), y
+                yield normalizer.format(x), y
         else:
-            yield from feed_device(host, self.normalizer, self.device)
+            yield from feed_device(host, normalizer, self.output.device)
 
     def _decode_error(self, err: Exception, batches: list[np.ndarray], k: int, label: str) -> DataLoadError:
         # The failing iteration may be any of those DALI had already queued (prefetch).
@@ -411,28 +424,15 @@ class DaliTrainLoader(_DaliLoader, TrainLoader):
         rank: int,
         world_size: int,
         steps: int,
-        device: torch.device,
-        gpu: bool,
-        device_id: int | None,
-        normalizer: Normalizer,
-        normalize_in_pipeline: bool | None = None,
+        output: DaliOutput,
     ):
         super().__init__(
             len(files), batch_size=data_cfg.batch_size, seed=seed, rank=rank, world_size=world_size, steps=steps
         )
         self._runner = _DaliRunner(
-            files,
-            data_cfg,
-            train=True,
-            batch_size=self.batch_size,
-            seed=dali_seed(seed, rank, 0),
-            gpu=gpu,
-            device=device,
-            device_id=device_id,
-            normalizer=normalizer,
-            normalize_in_pipeline=normalize_in_pipeline,
+            files, data_cfg, output, train=True, batch_size=self.batch_size, seed=dali_seed(seed, rank, 0),
             what=f"train (rank {rank})",
-        )
+        )  # fmt: skip
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         self._check_start(start_step)
@@ -450,26 +450,12 @@ class DaliValLoader(_DaliLoader, ValLoader):
         *,
         rank: int,
         world_size: int,
-        device: torch.device,
-        gpu: bool,
-        device_id: int | None,
-        normalizer: Normalizer,
-        normalize_in_pipeline: bool | None = None,
+        output: DaliOutput,
     ):
         super().__init__(len(files), batch_size=eval_batch_size(data_cfg), rank=rank, world_size=world_size)
         self.rank = rank
         self._runner = _DaliRunner(
-            files,
-            data_cfg,
-            train=False,
-            batch_size=self.batch_size,
-            seed=0,
-            gpu=gpu,
-            device=device,
-            device_id=device_id,
-            normalizer=normalizer,
-            normalize_in_pipeline=normalize_in_pipeline,
-            what=f"validation (rank {rank})",
+            files, data_cfg, output, train=False, batch_size=self.batch_size, seed=0, what=f"validation (rank {rank})"
         )
 
     def __iter__(self) -> Iterator[Batch]:

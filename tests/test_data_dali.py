@@ -89,30 +89,25 @@ def test_eval_images_match_the_torch_backend(jpeg_dataset, interpolation, img_si
 def test_normalization_inside_the_pipeline_matches(jpeg_dataset):
     """The GPU path normalizes with crop_mirror_normalize; run that graph on the CPU against the uint8 path."""
     from data.base import make_normalizer
-    from data.dali import DaliTrainLoader, DaliValLoader
+    from data.dali import DaliOutput, DaliTrainLoader, DaliValLoader
     from data.folder import scan_split
 
     cfg = make_cfg(jpeg_dataset)
+    cpu = torch.device("cpu")
     for fmt in (torch.contiguous_format, torch.channels_last):
-        norm = make_normalizer(cfg.data, torch.device("cpu"), fmt)
+        norm = make_normalizer(cfg.data, cpu, fmt)
+        inside, after = DaliOutput(cpu, False, None, norm, True), DaliOutput(cpu, False, None, norm, False)
         files = scan_split(jpeg_dataset, "val").files
-        kw = {
-            "rank": 0,
-            "world_size": 1,
-            "device": torch.device("cpu"),
-            "gpu": False,
-            "device_id": None,
-            "normalizer": norm,
-        }
-        a = collect(DaliValLoader(files, cfg.data, normalize_in_pipeline=True, **kw))
-        b = collect(DaliValLoader(files, cfg.data, normalize_in_pipeline=False, **kw))
+        kw = {"rank": 0, "world_size": 1}
+        a = collect(DaliValLoader(files, cfg.data, output=inside, **kw))
+        b = collect(DaliValLoader(files, cfg.data, output=after, **kw))
         for (xa, ya), (xb, yb) in zip(a, b):
             assert xa.is_contiguous(memory_format=fmt) and torch.equal(ya, yb)
             torch.testing.assert_close(xa, xb, atol=1e-5, rtol=0)
         files = scan_split(jpeg_dataset, "train").files
         kw["seed"], kw["steps"] = 0, 2
-        t1 = collect(DaliTrainLoader(files, cfg.data, normalize_in_pipeline=True, **kw).epoch(0))
-        t2 = collect(DaliTrainLoader(files, cfg.data, normalize_in_pipeline=False, **kw).epoch(0))
+        t1 = collect(DaliTrainLoader(files, cfg.data, output=inside, **kw).epoch(0))
+        t2 = collect(DaliTrainLoader(files, cfg.data, output=after, **kw).epoch(0))
         for (xa, _), (xb, _) in zip(t1, t2):
             torch.testing.assert_close(xa, xb, atol=1e-5, rtol=0)
 
