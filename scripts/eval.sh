@@ -14,6 +14,4 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 launch_args "$@"
 checkpoint=$target
 set -- "${rest[@]}"
-repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-export PYTHONUNBUFFERED=1
 exec torchrun --standalone --nnodes 1 --nproc_per_node "$gpus" "$repo/eval.py" --checkpoint "$checkpoint" "$@"

@@ -1,5 +1,10 @@
 # Shared by scripts/train.sh, scripts/eval.sh and scripts/slurm/train.sbatch (sourced, not run).
 
+# The repository root (this file is scripts/lib.sh), and unbuffered Python output, so that the training and
+# evaluation logs reach the terminal or the SLURM output file as they are written.
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+export PYTHONUNBUFFERED=1
+
 # visible_gpus: the number of GPUs nvidia-smi lists, or 1 on a machine without GPUs (one CPU process).
 visible_gpus() {
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then

@@ -22,10 +22,8 @@ launch_args "$@"
 config=$target
 set -- "${rest[@]}"
 
-repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cpus=$(nproc)
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( cpus / gpus > 1 ? cpus / gpus / 2 : 1 ))}
-export PYTHONUNBUFFERED=1
 
 AN_STATUS_FILE=$(mktemp "${TMPDIR:-/tmp}/an-train-status.XXXXXX")
 export AN_STATUS_FILE
