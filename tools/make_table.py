@@ -25,34 +25,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root, for `python tools/...` anywhere
 
 from engine.errors import main_guard
+from tools.paper import figure, read_figures
 
-# (table, backbone label, model name, norm, paper params (M), paper GFLOPs, top-1 err, top-5 err, quoted?)
-# docs/AN.md 5.1 (normal: 120 epochs, MobileNetV2 150) and 5.2 (advanced: 200 epochs + label smoothing + mixup).
+# (setup, backbone label, model name, norm, paper params (M), paper GFLOPs, top-1 err, top-5 err, quoted?):
+# the paper's tables, docs/AN.md 5.1 (normal: 120 epochs, MobileNetV2 150) and 5.2 (advanced: 200 epochs + label
+# smoothing + mixup), from tools/paper/imagenet_top1.csv.
 PAPER_ROWS = [
-    ("normal", "ResNet-50", "resnet50", "bn", 25.56, 4.09, 23.01, 6.68, False),
-    ("normal", "ResNet-50", "resnet50", "gn", 25.56, 4.09, 23.52, 6.85, True),
-    ("normal", "ResNet-50", "resnet50", "sn", 25.56, None, 22.43, 6.35, True),
-    ("normal", "ResNet-50", "resnet50", "se", 28.09, None, 22.37, 6.36, True),
-    ("normal", "ResNet-50", "resnet50", "an", 25.76, 4.09, 21.59, 5.88, False),
-    ("normal", "ResNet-101", "resnet101", "bn", 44.57, 8.12, 21.33, 5.85, False),
-    ("normal", "ResNet-101", "resnet101", "an", 45.00, 8.12, 20.61, 5.41, False),
-    ("normal", "MobileNetV2", "mobilenetv2", "bn", 3.50, 0.34, 28.69, 9.33, False),
-    ("normal", "MobileNetV2", "mobilenetv2", "an", 3.56, 0.34, 26.67, 8.56, False),
-    ("normal", "DenseNet-121", "densenet121", "bn", 7.98, None, None, None, False),
-    ("normal", "DenseNet-121", "densenet121", "an", 8.34, None, 22.6, 6.4, False),
-    ("normal", "AOGNet-12M", "aognet12m", "bn", 12.26, 2.19, 22.22, 6.06, False),
-    ("normal", "AOGNet-12M", "aognet12m", "an", 12.37, 2.19, 21.28, 5.76, False),
-    ("normal", "AOGNet-40M", "aognet40m", "bn", 40.15, 7.51, 19.84, 4.94, False),
-    ("normal", "AOGNet-40M", "aognet40m", "an", 40.39, 7.51, 19.33, 4.72, False),
-    ("advanced", "ResNet-50", "resnet50", "bn", 25.56, 4.09, 21.08, 5.56, False),
-    ("advanced", "ResNet-50", "resnet50", "an", 25.76, 4.09, 19.92, 5.04, False),
-    ("advanced", "ResNet-101", "resnet101", "bn", 44.57, 8.12, 19.71, 4.89, False),
-    ("advanced", "ResNet-101", "resnet101", "an", 45.00, 8.12, 18.85, 4.63, False),
-    ("advanced", "AOGNet-12M", "aognet12m", "bn", 12.26, 2.19, 21.63, 5.60, False),
-    ("advanced", "AOGNet-12M", "aognet12m", "an", 12.37, 2.19, 20.57, 5.38, False),
-    ("advanced", "AOGNet-40M", "aognet40m", "bn", 40.15, 7.51, 18.70, 4.47, False),
-    ("advanced", "AOGNet-40M", "aognet40m", "an", 40.39, 7.51, 18.13, 4.26, False),
-]
+    (r["setup"], r["backbone"], r["model"], r["norm"], figure(r["params_m"]), figure(r["gflops"]),
+     figure(r["top1_err"]), figure(r["top5_err"]), r["quoted"] == "yes")
+    for r in read_figures("imagenet_top1.csv")
+]  # fmt: skip
 NORM_LABELS = {
     "bn": "BN",
     "gn": "GN",

@@ -34,6 +34,7 @@ import an
 import models
 from engine.errors import main_guard
 from models.stats import mac_breakdown
+from tools.paper import figure, read_figures
 
 D = {"deep_stem": True, "avg_down": True}
 
@@ -50,24 +51,8 @@ class Row:
     paper_gflops: float | None = None
 
 
-# (model, norm) -> (paper params in M, paper FLOPs in G); docs/AN.md 5.1 / 5.3.
-PAPER = {
-    ("resnet34", "bn"): (21.798, None),
-    ("resnet34", "an"): (21.996, None),
-    ("resnet50", "bn"): (25.557, 4.09),
-    ("resnet50", "gn"): (25.56, 4.09),
-    ("resnet50", "sn"): (25.56, None),
-    ("resnet50", "an"): (25.755, 4.09),
-    ("resnet101", "bn"): (44.549, 8.12),
-    ("resnet101", "an"): (45.001, 8.12),
-    ("mobilenetv2", "bn"): (3.505, 0.34),
-    ("mobilenetv2", "an"): (3.673, 0.34),
-    ("densenet121", "an"): (8.342, None),
-    ("aognet12m", "bn"): (12.259, 2.19),
-    ("aognet12m", "an"): (12.373, 2.19),
-    ("aognet40m", "bn"): (40.153, 7.51),
-    ("aognet40m", "an"): (40.389, 7.51),
-}
+# (model, norm) -> (paper params in M, paper FLOPs in G); docs/AN.md 5.1 / 5.3, from tools/paper/model_size.csv.
+PAPER = {(r["model"], r["norm"]): (figure(r["params_m"]), figure(r["gflops"])) for r in read_figures("model_size.csv")}
 
 VARIANTS = [
     Row("resnet50", "bn", {"attn_layer": "se"}, "attn_layer=se", 28.09),
