@@ -90,6 +90,11 @@ def tiny_config(tmp_path: Path, name: str = "tiny.yaml", **sections) -> Path:
     return path
 
 
+def conv_bn_relu(cin: int, cout: int) -> list[nn.Module]:
+    """A 3x3 convolution (padding 1, no bias), BatchNorm2d and ReLU: the stem of the tests' small models."""
+    return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+
+
 def gradcheck_layer(layer: nn.Module, x: torch.Tensor) -> None:
     """float64 gradcheck of a layer with respect to its input and every parameter."""
     names = [n for n, _ in layer.named_parameters()]

@@ -9,7 +9,7 @@ from torch import nn
 import models
 from engine import accel
 from engine.config import Config, ConfigError, apply_overrides
-from tests.test_an_fused import assert_same_buffers, rel
+from tests.test_an_fused import assert_same_step
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -69,9 +69,4 @@ def test_compiled_models_train_like_eager(impl):
         loss.backward()
         losses.append(loss.item())
     assert abs(losses[0] - losses[1]) < 1e-5
-    for (n, p1), (_, p2) in zip(eager.named_parameters(), other.named_parameters()):
-        assert rel(p2.grad, p1.grad) < 1e-4, n
-    assert_same_buffers(eager, other)
-    eager.eval(), other.eval()
-    with torch.no_grad():
-        assert rel(ev(x), eager(x)) < 1e-5
+    assert_same_step(eager, other, x, grad_tol=1e-4, out_tol=1e-5, other_eval=ev)

@@ -16,6 +16,7 @@ from torch import nn
 
 import an
 import models
+from tests.conftest import conv_bn_relu
 
 torchvision = pytest.importorskip("torchvision")
 timm = pytest.importorskip("timm")
@@ -146,9 +147,7 @@ def _plain_model() -> nn.Sequential:
     """A user's model: a 3x3 stem and six residual blocks over three resolutions."""
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1, bias=False),
-        nn.BatchNorm2d(16),
-        nn.ReLU(),
+        *conv_bn_relu(3, 16),
         *[_Block(16, 2 if i in (2, 4) else 1) for i in range(6)],
         nn.AdaptiveAvgPool2d(1),
         nn.Flatten(),

@@ -94,6 +94,20 @@ def assert_same_buffers(ref: nn.Module, other: nn.Module, tol: float = 1e-5) -> 
             assert torch.equal(b2, b1), name
 
 
+def assert_same_step(
+    ref: nn.Module, other: nn.Module, x: torch.Tensor, *, grad_tol: float, out_tol: float, other_eval=None
+) -> None:
+    """After one training step of two models: the same parameter gradients (relative error below ``grad_tol``),
+    the same buffers, and the same evaluation-mode outputs on ``x`` (``other_eval``: how ``other`` is evaluated,
+    e.g. a compiled copy; default ``other`` itself). Leaves both models in evaluation mode."""
+    for (name, p1), (_, p2) in zip(ref.named_parameters(), other.named_parameters()):
+        assert rel(p2.grad, p1.grad) < grad_tol, name
+    assert_same_buffers(ref, other)
+    ref.eval(), other.eval()
+    with torch.no_grad():
+        assert rel((other if other_eval is None else other_eval)(x), ref(x)) < out_tol
+
+
 def sgd_steps(ref: nn.Module, other: nn.Module, shape, steps: int = 3, cl: bool = False, tol: float = 1e-5) -> None:
     """Train both layers side by side on the same batches, comparing every step."""
     gen = torch.Generator().manual_seed(1)
@@ -347,12 +361,7 @@ def test_resnet50_fused_trains_like_reference():
         opt.step()
         losses.append(loss.item())
     assert abs(losses[0] - losses[1]) < 1e-4
-    for (n, p1), (_, p2) in zip(ref.named_parameters(), fl.named_parameters()):
-        assert rel(p2.grad, p1.grad) < 1e-3, n
-    assert_same_buffers(ref, fl)
-    ref.eval(), fl.eval()
-    with torch.no_grad():
-        assert rel(fl(x), ref(x)) < 1e-4
+    assert_same_step(ref, fl, x, grad_tol=1e-3, out_tol=1e-4)
 
 
 @pytest.mark.skipif(not fused.triton_available(), reason="triton is not installed")

@@ -15,6 +15,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import an
+from tests.conftest import conv_bn_relu
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -22,9 +23,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 def _model() -> nn.Sequential:
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Conv2d(3, 32, 3, padding=1, bias=False),
-        nn.BatchNorm2d(32),
-        nn.ReLU(),
+        *conv_bn_relu(3, 32),
         an.create_norm("an", 32, k=4),
         an.create_norm("sn", 32),
         an.create_norm("iebn", 32),

@@ -29,7 +29,8 @@ from engine.init_weights import load_init_weights
 from tools import convert_checkpoint, official
 from train import build_model
 
-LAYOUTS = Path(__file__).resolve().parent / "assets" / "official_layouts.json.gz"
+ASSETS = Path(__file__).resolve().parent / "assets"
+LAYOUTS = ASSETS / "official_layouts.json.gz"
 PREFIX = "module.network."
 
 
@@ -43,25 +44,7 @@ def layouts() -> dict:
 # The official config files, from the official defaults and the released configs' values (docs/AN.md 4, 3.1).
 # ---------------------------------------------------------------------------------------------------
 
-_AOG = {
-    "max_split": [2, 2, 2, 2],
-    "extra_node_hierarchy": [4, 4, 4, 4],
-    "remove_symmetric_children_of_or_node": [1, 2, 1, 2],
-    "terminal_node_no_slice": [0, 0, 0, 0],
-    "stride": [1, 2, 2, 2],
-    "drop_rate": [0.0, 0.0, 0.1, 0.1],
-    "bottleneck_ratio": 0.25,
-    "handle_dbl_cnt": True,
-    "handle_tnode_dbl_cnt": False,
-    "handle_dbl_cnt_in_param_init": False,
-    "use_group_conv": False,
-    "width_per_group": 0,
-    "when_downsample": 1,
-    "replace_stride_with_avgpool": True,
-    "use_elem_max_for_ORNodes": False,
-    "out_channels": [0, 0],
-    "dims": [2, 2, 4, 4],
-}
+_AOG = yaml.safe_load((ASSETS / "official_aognet_section.yaml").read_text())
 
 
 def official_config(row: str) -> dict:

@@ -1,8 +1,8 @@
 """AOGNet grammar and network: the block wiring of docs/AN.md 3.4, node tables, widths, determinism.
 
-The three listings below are the node-by-node wiring of the reference implementation's three block types
-(docs/AN.md 3.4, obtained there by tracing the reference model with torch.fx), transcribed as data in the same
-notation, in evaluation order:
+``tests/assets/aognet_wiring.txt`` holds the node-by-node wiring of the reference implementation's three block
+types (docs/AN.md 3.4, obtained there by tracing the reference model with torch.fx), transcribed as data in the
+same notation, in evaluation order:
 
 - ``NODE [AN] <- OP`` : the node's op input; ``| res RES`` its residual (shortcut) input, written only where it
   differs from the op input, exactly as in the listing; ``AN`` marks nodes whose 3x3 norm is AN.
@@ -34,68 +34,28 @@ from models.aognet import AOGBlock, NodeOp, build_aog
 from models.aognet.grammar import AND, OR, T, legacy_set_order
 from models.aognet.net import block_widths, slice_bounds
 
-LAYOUTS = Path(__file__).resolve().parent / "assets" / "official_layouts.json.gz"
+ASSETS = Path(__file__).resolve().parent / "assets"
+LAYOUTS = ASSETS / "official_layouts.json.gz"
+WIRING = ASSETS / "aognet_wiring.txt"
 
-D2 = """
-T[0-1] AN <- x[0-1]
-T[0-0] <- x[0-0]
-T[1-1] <- x[1-1]
-OR[0-0] <- T[0-0]
-OR[1-1] <- T[1-1] + OR[0-0] | res T[1-1]
-AND[0-1]/1 AN <- cat(OR[0-0], OR[1-1])
-OR[0-1] AN <- T[0-1] + AND[0-1]/1
-"""
 
-D4_RS1 = """
-T[0-3] AN <- x[0-3]
-T[0-0] <- x[0-0]
-T[1-3] <- x[1-3]
-T[2-3] <- x[2-3]
-T[2-2] <- x[2-2]
-T[1-1] <- x[1-1]
-T[3-3] <- x[3-3]
-T[0-1] <- x[0-1]
-OR[0-0] <- T[0-0]
-OR[1-1] <- T[1-1] + OR[0-0] | res T[1-1]
-OR[2-2] <- T[2-2] + OR[1-1]
-OR[3-3] <- T[3-3] + OR[2-2] | res T[3-3]
-AND[2-3]/1 <- cat(OR[2-2], OR[3-3])
-AND[0-1]/1 <- cat(OR[0-0], OR[1-1]) + AND[2-3]/1 | res cat(½OR[0-0], ½OR[1-1]) + AND[2-3]/1
-OR[0-1] <- T[0-1] + AND[0-1]/1
-OR[2-3] <- T[2-3] + AND[2-3]/1 + OR[0-1] | res T[2-3] + AND[2-3]/1
-AND[1-3]/1 <- cat(OR[2-3], OR[1-1]) | res cat(½OR[2-3], ½OR[1-1])
-OR[1-3] <- T[1-3] + AND[1-3]/1
-AND[0-3]/1 AN <- cat(OR[0-0], OR[1-3]) | res cat(½OR[0-0], OR[1-3])
-AND[0-3]/2 AN <- cat(OR[0-1], OR[2-3]) + AND[0-3]/1 | res cat(OR[0-1], ½OR[2-3])
-OR[0-3] AN <- T[0-3] + AND[0-3]/1 + AND[0-3]/2
-"""
+def read_listings(path: Path) -> dict[tuple[int, int], str]:
+    """``(dims, remove_symmetric) -> listing`` from the wiring file; consecutive headers share one listing."""
+    listings: dict[tuple[int, int], list[str]] = {}
+    current: list[str] | None = None
+    for line in path.read_text(encoding="utf-8").splitlines():
+        header = re.fullmatch(r"## dims=(\d) remove_symmetric=(\d)", line)
+        if header:
+            if current is None or current:  # consecutive headers share one listing
+                current = []
+            listings[int(header[1]), int(header[2])] = current
+        elif line and not line.startswith("#"):
+            assert current is not None, f"{path}: listing line before any header: {line}"
+            current.append(line)
+    return {key: "\n".join(lines) for key, lines in listings.items()}
 
-D4_RS2 = """
-T[0-3] AN <- x[0-3]
-T[0-2] <- x[0-2]
-T[0-1] <- x[0-1]
-T[0-0] <- x[0-0]
-T[1-1] <- x[1-1]
-T[3-3] <- x[3-3]
-T[2-2] <- x[2-2]
-T[2-3] <- x[2-3]
-OR[0-0] <- T[0-0]
-OR[1-1] <- T[1-1] + OR[0-0] | res T[1-1]
-OR[2-2] <- T[2-2] + OR[1-1]
-OR[3-3] <- T[3-3] + OR[2-2] | res T[3-3]
-AND[2-3]/1 <- cat(OR[3-3], OR[2-2]) | res cat(½OR[3-3], ½OR[2-2])
-AND[0-1]/1 <- cat(OR[0-0], OR[1-1]) + AND[2-3]/1
-OR[0-1] <- T[0-1] + AND[0-1]/1
-AND[0-2]/2 <- cat(OR[0-1], OR[2-2]) | res cat(½OR[0-1], ½OR[2-2])
-OR[0-2] <- T[0-2] + AND[0-2]/2
-OR[2-3] <- T[2-3] + AND[2-3]/1 + OR[0-1] | res T[2-3] + AND[2-3]/1
-AND[0-3]/2 AN <- cat(OR[0-1], OR[2-3]) | res cat(½OR[0-1], OR[2-3])
-AND[0-3]/3 AN <- cat(OR[0-2], OR[3-3]) + AND[0-3]/2 | res cat(OR[0-2], ½OR[3-3])
-OR[0-3] AN <- T[0-3] + AND[0-3]/3 + AND[0-3]/2
-"""
 
-# Both remove_symmetric settings give the same D=2 graph.
-LISTINGS = {(2, 1): D2, (2, 2): D2, (4, 1): D4_RS1, (4, 2): D4_RS2}
+LISTINGS = read_listings(WIRING)
 BLOCK_TYPES = sorted(LISTINGS)
 
 _LINE = re.compile(r"^(?P<name>\S+)(?P<an> AN)? <- (?P<op>.+?)(?: \| res (?P<res>.+))?$")

@@ -30,6 +30,13 @@ def read_log(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
 
 
+def run_ok(cmd: list[str], *, cwd: Path, env: dict, timeout: float) -> str:
+    """Runs ``cmd`` to the end, checks that it succeeded (showing its output if not) and returns its stdout."""
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
 def assert_same_state(a: dict, b: dict, what: str) -> None:
     assert a.keys() == b.keys(), what
     for k in a:
@@ -291,9 +298,8 @@ def test_sigterm_to_a_real_process_checkpoints_and_exits_75(tmp_path):
     state = ck.load_checkpoint(tmp_path / "run" / "last.pth")
     assert state["epoch"] == 0 and 3 <= state["step_in_epoch"] < 100
     assert json.loads((tmp_path / "run" / "status.json").read_text())["state"] == "preempted"
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert f"Resumed from {tmp_path / 'run' / 'last.pth'}: epoch 0, step {state['step_in_epoch']}" in done.stdout
+    out = run_ok(cmd, cwd=REPO, env=env, timeout=300)
+    assert f"Resumed from {tmp_path / 'run' / 'last.pth'}: epoch 0, step {state['step_in_epoch']}" in out
 
 
 @pytest.mark.parametrize(
@@ -339,17 +345,9 @@ def test_demo_script_end_to_end_on_a_reduced_budget(tmp_path):
     env = {**os.environ, "DIGITS_ROOT": str(tmp_path / "digits"), "OMP_NUM_THREADS": "2"}
     overrides = [f"train.output_dir={tmp_path / 'run'}", "sched.epochs=1", "sched.warmup_epochs=0.5"]
     overrides.append("train.steps_per_epoch=4")
-    result = subprocess.run(
-        ["bash", str(REPO / "scripts" / "demo.sh"), *overrides],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+    out = run_ok(["bash", str(REPO / "scripts" / "demo.sh"), *overrides], cwd=tmp_path, env=env, timeout=600)
     assert (tmp_path / "digits" / "train" / "7").is_dir() and (tmp_path / "digits" / "val" / "0").is_dir()
-    assert "eval.py top-1" in result.stdout and ": same" in result.stdout
+    assert "eval.py top-1" in out and ": same" in out
     record = read_log(tmp_path / "run")[0]
     assert record["val_count"] == 359  # every digit of the validation split, exactly once
 
@@ -357,16 +355,7 @@ def test_demo_script_end_to_end_on_a_reduced_budget(tmp_path):
 def test_torchrun_dry_run_of_the_paper_config_exactly_as_written(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "IMAGENET_ROOT": str(tmp_path / "nothing")}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"]
-    result = subprocess.run(
-        [*cmd, "train.py", "--config", "resnet50_an.yaml", "--dry-run"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    out = result.stdout
+    out = run_ok([*cmd, "train.py", "--config", "resnet50_an.yaml", "--dry-run"], cwd=REPO, env=env, timeout=300)
     assert "parameters     25,755," in out and "MACs           4.089G" in out
     assert "global batch   128 = 128 per GPU x 1 processes x 1" in out and "peak LR        0.05 =" in out
     assert "train images   1,281,167 (assumed: ImageNet-1k" in out and "10009 per epoch" in out
