@@ -49,7 +49,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -921,16 +923,24 @@ def _compile_forward(layer: AttentiveNorm2d, x: Tensor) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------------- layers
-@functools.cache
-def _hidden_from_compile():
-    """``_fused_forward`` wrapped by ``torch.compiler.disable``, made on first use: the wrapper imports
-    ``torch._dynamo`` (about 2 s), which a process that never runs a fused layer should not pay at import."""
-    return torch.compiler.disable(_fused_forward)
+_fused_forward_hidden: Callable[[AttentiveNorm2d, Tensor], Tensor] | None = None  # see _hide_fused_forward
+
+
+def _hide_fused_forward() -> Callable[[AttentiveNorm2d, Tensor], Tensor]:
+    """``_fused_forward`` wrapped by ``torch.compiler.disable``, made once, when the first fused layer is built.
+
+    The wrapper imports ``torch._dynamo`` (about 2 s), which a process that never builds a fused layer should not
+    pay at import. It is made at construction rather than in ``forward`` so that torch.compile, tracing a model,
+    finds it ready (a plain global) instead of tracing its creation."""
+    global _fused_forward_hidden
+    if _fused_forward_hidden is None:
+        _fused_forward_hidden = torch.compiler.disable(_fused_forward)
+    return _fused_forward_hidden
 
 
 def _fused_forward_eager(layer: AttentiveNorm2d, x: Tensor) -> Tensor:
     """The fused forward, hidden from torch.compile (a compiled model runs it eagerly)."""
-    return _hidden_from_compile()(layer, x)
+    return (_fused_forward_hidden or _hide_fused_forward())(layer, x)
 
 
 class _ImplMixin:
@@ -957,6 +967,10 @@ class _FusedMixin(_ImplMixin):
 
     impl = "fused"
     kernels: str = "auto"  # 'auto' | 'triton' | 'torch' (instance attribute to override)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        _hide_fused_forward()
 
     def _impl_forward(self, x: Tensor) -> Tensor:
         return _fused_forward_eager(self, x)
