@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import pytest
 
 from tools import make_table, plot_run
+
+DOCS_AN = Path(__file__).resolve().parent.parent / "docs" / "AN.md"
 
 
 def fake_eval(run: Path, model: str, norm: str, top1: float, top5: float, epochs: int = 120, name: str = "best"):
@@ -29,6 +32,41 @@ def fake_eval(run: Path, model: str, norm: str, top1: float, top5: float, epochs
         },
     }
     (run / f"{name}.eval.json").write_text(json.dumps(record) + "\n")
+
+
+def _docs_table(section: str) -> list[list[str]]:
+    """The cells of the first markdown table under ``### <section>`` in docs/AN.md (header and rule skipped)."""
+    text = DOCS_AN.read_text(encoding="utf-8")
+    lines = text[text.index(f"### {section}") :].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    table = []
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        table.append([cell.strip() for cell in line.strip("|").split("|")])
+    return table
+
+
+def _number(cell: str) -> float | None:
+    found = re.search(r"\d+(\.\d+)?", cell)
+    return float(found[0]) if found else None
+
+
+def test_the_tools_paper_figures_are_the_tables_of_docs_an():
+    """tools/paper/imagenet_top1.csv (what make_table.py prints) against docs/AN.md 5.1 and 5.2, cell by cell."""
+    norms = {"BN": "bn", "GN": "gn", "SN": "sn", "SE": "se", "AN": "an", "AN (w/ BN)": "an"}
+    docs = {}
+    for setup, section in (("normal", "5.1"), ("advanced", "5.2")):
+        for backbone, norm, params, flops, top1, top5 in _docs_table(section):
+            label = backbone.replace(" (deep stem)", "")
+            key = (setup, label, norms[norm.rstrip("*")])
+            docs[key] = (_number(params), _number(flops), _number(top1), _number(top5), norm.endswith("*"))
+    tools = {(r[0], r[1], r[3]): (*r[4:8], r[8]) for r in make_table.PAPER_ROWS}
+    assert len(docs) == 21
+    for key, figures in docs.items():
+        assert tools[key] == figures, key
+    # DenseNet-121 has no table row in docs/AN.md 5.1 (the refactor's figures are quoted in its text).
+    assert {key[1] for key in set(tools) - set(docs)} == {"DenseNet-121"}
 
 
 def test_make_table_matches_paper_rows(tmp_path, capsys):
