@@ -36,6 +36,7 @@ Evaluation resizes to the sizes that :func:`data.transforms.eval_transform` comp
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -271,6 +272,11 @@ class DaliOutput:
         """Whether the pipeline normalizes (and so outputs float32)."""
         return self.gpu if self.normalize_in_pipeline is None else self.normalize_in_pipeline
 
+    @property
+    def channels_last(self) -> bool:
+        """Whether batches are delivered channels-last (a normalizing pipeline then outputs NHWC)."""
+        return self.normalizer.memory_format == torch.channels_last
+
 
 class _DaliRunner:
     """One split's pipeline for the whole run: planning, running, draining, output conversion and error reports."""
@@ -282,30 +288,29 @@ class _DaliRunner:
         self.files = files
         self.data_cfg = data_cfg
         self.output = output
-        self.train = train
-        self.batch_size = batch_size
-        self.seed = seed
-        self.what = what
         self._feed_ndarray = import_dali().feed_ndarray
         self.feed = BatchFeed(files)
+        # How to (re)build this split's pipeline: at construction, and again after a failed iteration.
+        self._new_pipeline = functools.partial(
+            build_pipeline,
+            self.feed,
+            train=train,
+            data_cfg=data_cfg,
+            batch_size=batch_size,
+            gpu=output.gpu,
+            device_id=output.device_id,
+            seed=seed,
+            normalize=output.normalize,
+            channels_last=output.channels_last,
+            what=what,
+        )
         self.pipe = None
         self.builds = 0
         self._build()
 
     def _build(self) -> None:
         self.feed.plan([])
-        self.pipe = build_pipeline(
-            self.feed,
-            train=self.train,
-            data_cfg=self.data_cfg,
-            batch_size=self.batch_size,
-            gpu=self.output.gpu,
-            device_id=self.output.device_id,
-            seed=self.seed,
-            normalize=self.output.normalize,
-            channels_last=self.output.normalizer.memory_format == torch.channels_last,
-            what=self.what,
-        )
+        self.pipe = self._new_pipeline()
         self.builds += 1
 
     def close(self) -> None:
@@ -353,7 +358,7 @@ class _DaliRunner:
                 assert len(y) == len(indices), "DALI returned a batch of another size than planned"
                 del images, labels
                 if normalized:
-                    if self.output.normalizer.memory_format == torch.channels_last:
+                    if self.output.channels_last:
                         x = x.permute(0, 3, 1, 2)
                     device = self.output.device
                     yield x.to(device, non_blocking=True), y.to(device, non_blocking=True).long()
