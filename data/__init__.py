@@ -197,13 +197,10 @@ def build_loaders(
                     rank=rank,
                     world_size=world_size,
                     steps=steps,
-                    device=device,
                     normalizer=normalizer,
                 )
             if build_val:
-                val = TorchValLoader(
-                    splits["val"].files, d, rank=rank, world_size=world_size, device=device, normalizer=normalizer
-                )
+                val = TorchValLoader(splits["val"].files, d, rank=rank, world_size=world_size, normalizer=normalizer)
         else:
             from data.dali import DaliOutput, DaliTrainLoader, DaliValLoader
 
@@ -214,7 +211,7 @@ def build_loaders(
                     f"(all DALI operators on the CPU) or data.backend=torch."
                 )
             device_id = (device.index if device.index is not None else local_rank) if gpu else None
-            output = DaliOutput(device, gpu, device_id, normalizer)
+            output = DaliOutput(gpu, device_id, normalizer)
             if build_train:
                 train = DaliTrainLoader(
                     splits["train"].files, d, seed=seed, rank=rank, world_size=world_size, steps=steps, output=output

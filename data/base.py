@@ -136,15 +136,18 @@ class ValLoader(_Closable):
         num_samples: images of this rank.
         total_samples: images in the whole validation set (all ranks).
         batch_size: images per full batch.
+        rank: this process's rank.
     """
 
     indices: np.ndarray
     num_samples: int
     total_samples: int
     batch_size: int
+    rank: int
 
     def __init__(self, total_samples: int, *, batch_size: int, rank: int, world_size: int):
         self.batch_size = batch_size
+        self.rank = rank
         self.indices = val_shard(total_samples, rank, world_size)
         self.num_samples = len(self.indices)
         self.total_samples = total_samples

@@ -253,15 +253,13 @@ class DaliOutput:
     """Where a DALI loader's pipeline runs and how its batches come out (the same for both splits of a run).
 
     Attributes:
-        device: The torch device batches are delivered to.
         gpu: Decode and augment on the GPU (backend ``dali``) or on the CPU (``dali_cpu``).
         device_id: The CUDA device of a GPU pipeline; None for a CPU pipeline.
-        normalizer: The run's mean/std and memory format.
+        normalizer: The run's mean/std, memory format and device (the one batches are delivered to).
         normalize_in_pipeline: Normalize inside the pipeline (float32 out of DALI) or after it on the device
             (uint8 out of DALI); None: inside on the GPU path only.
     """
 
-    device: torch.device
     gpu: bool
     device_id: int | None
     normalizer: Normalizer
@@ -271,6 +269,11 @@ class DaliOutput:
     def normalize(self) -> bool:
         """Whether the pipeline normalizes (and so outputs float32)."""
         return self.gpu if self.normalize_in_pipeline is None else self.normalize_in_pipeline
+
+    @property
+    def device(self) -> torch.device:
+        """The torch device batches are delivered to (the normalizer's)."""
+        return self.normalizer.device
 
     @property
     def channels_last(self) -> bool:
@@ -285,7 +288,6 @@ class _DaliRunner:
         self, files: FileTable, data_cfg: Any, output: DaliOutput, *, train: bool, batch_size: int, seed: int, what: str
     ):
         import_dali("dali" if output.gpu else "dali_cpu")
-        self.files = files
         self.data_cfg = data_cfg
         self.output = output
         self._feed_ndarray = import_dali().feed_ndarray
@@ -344,6 +346,8 @@ class _DaliRunner:
         if self.pipe is None:
             self._build()  # after a failure (or close): the broken pipeline was dropped
         self.feed.plan(batches)
+        out = self.output
+        dtype = torch.float32 if out.normalize else torch.uint8
         done = False
         try:
             for k, indices in enumerate(batches):
@@ -352,16 +356,14 @@ class _DaliRunner:
                 except (RuntimeError, StopIteration) as e:
                     self.pipe = None  # not reusable after a failed iteration
                     raise self._decode_error(e, batches, k, label) from None
-                normalized = self.output.normalize
-                x = self._to_torch(images, torch.float32 if normalized else torch.uint8, self.output.gpu)
+                x = self._to_torch(images, dtype, out.gpu)
                 y = self._to_torch(labels, torch.int32, False).view(-1)
                 assert len(y) == len(indices), "DALI returned a batch of another size than planned"
                 del images, labels
-                if normalized:
-                    if self.output.channels_last:
+                if out.normalize:
+                    if out.channels_last:
                         x = x.permute(0, 3, 1, 2)
-                    device = self.output.device
-                    yield x.to(device, non_blocking=True), y.to(device, non_blocking=True).long()
+                    yield x.to(out.device, non_blocking=True), y.to(out.device, non_blocking=True).long()
                 else:
                     yield x, y
             done = True
@@ -384,7 +386,7 @@ class _DaliRunner:
     def _decode_error(self, err: Exception, batches: list[np.ndarray], k: int, label: str) -> DataLoadError:
         # The failing iteration may be any of those DALI had already queued (prefetch).
         ahead = np.concatenate(batches[k : k + self.data_cfg.dali_prefetch + 1])
-        candidates = self.files.paths(ahead)
+        candidates = self.feed.files.paths(ahead)
         bad = _find_unreadable(candidates)
         detail = str(err).strip().splitlines()
         dali_says = next((line for line in reversed(detail) if line.strip() and "no longer valid" not in line), "")
@@ -398,7 +400,7 @@ class _DaliRunner:
             )
         return DataLoadError(
             f"{head}DALI said: {dali_says or type(err).__name__}\nRun `python tools/check_dataset.py "
-            f"{os.path.dirname(self.files.root)}` to list every unreadable file, then fix or remove them; "
+            f"{os.path.dirname(self.feed.files.root)}` to list every unreadable file, then fix or remove them; "
             f"data.backend=torch skips unreadable files."
         )
 
@@ -458,7 +460,6 @@ class DaliValLoader(_DaliLoader, ValLoader):
         output: DaliOutput,
     ):
         super().__init__(len(files), batch_size=eval_batch_size(data_cfg), rank=rank, world_size=world_size)
-        self.rank = rank
         self._runner = _DaliRunner(
             files, data_cfg, output, train=False, batch_size=self.batch_size, seed=0, what=f"validation (rank {rank})"
         )

@@ -148,7 +148,7 @@ class ClassCheck:
             self.cleared.add(label)
             return
         folder = os.path.dirname(self.files.path(index))
-        root = os.path.dirname(os.path.dirname(folder))
+        root = os.path.dirname(self.files.root)
         effect = (
             "training would go on without this class, and the model would never learn it"
             if self.split == "train"
@@ -247,6 +247,16 @@ class _TorchLoader:
     _skips: SkipLog
     _class_check: ClassCheck
 
+    def _setup(self, files: FileTable, normalizer: Normalizer, split: str) -> None:
+        """The state both loaders keep: their files, the device normalization, the keys the workers read and the
+        report of unreadable files."""
+        self.files = files
+        self.device = normalizer.device
+        self._normalizer = normalizer
+        self._keys = _Keys()
+        self._skips = SkipLog("training" if split == "train" else "validation")
+        self._class_check = ClassCheck(files, split)
+
     @property
     def skipped_files(self) -> int:
         return len(self._skips.files)
@@ -276,20 +286,14 @@ class TorchTrainLoader(_TorchLoader, TrainLoader):
         rank: int,
         world_size: int,
         steps: int,
-        device: torch.device,
         normalizer: Normalizer,
     ):
         super().__init__(
             len(files), batch_size=data_cfg.batch_size, seed=seed, rank=rank, world_size=world_size, steps=steps
         )
-        self.files = files
-        self.device = device
-        self._normalizer = normalizer
-        self._keys = _Keys()
-        self._skips = SkipLog("training")
-        self._class_check = ClassCheck(files, "train")
+        self._setup(files, normalizer, "train")
         self._loader: DataLoader | None = _make_loader(
-            FolderBatches(files, True, data_cfg, seed), self._keys, data_cfg, device
+            FolderBatches(files, True, data_cfg, seed), self._keys, data_cfg, self.device
         )
 
     @property
@@ -323,21 +327,15 @@ class TorchValLoader(_TorchLoader, ValLoader):
         *,
         rank: int,
         world_size: int,
-        device: torch.device,
         normalizer: Normalizer,
     ):
         super().__init__(len(files), batch_size=eval_batch_size(data_cfg), rank=rank, world_size=world_size)
-        self.files = files
-        self.device = device
-        self._normalizer = normalizer
-        self._keys = _Keys()
+        self._setup(files, normalizer, "val")
         self._keys.keys = [(0, b) for b in self.batches()]
-        self._skips = SkipLog("validation")
-        self._class_check = ClassCheck(files, "val")
         self._last_pass_skipped = 0
         self._loader: DataLoader | None = None
         if self.num_samples:
-            self._loader = _make_loader(FolderBatches(files, False, data_cfg, 0), self._keys, data_cfg, device)
+            self._loader = _make_loader(FolderBatches(files, False, data_cfg, 0), self._keys, data_cfg, self.device)
 
     @property
     def last_pass_skipped(self) -> int:

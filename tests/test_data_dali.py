@@ -96,7 +96,7 @@ def test_normalization_inside_the_pipeline_matches(jpeg_dataset):
     cpu = torch.device("cpu")
     for fmt in (torch.contiguous_format, torch.channels_last):
         norm = make_normalizer(cfg.data, cpu, fmt)
-        inside, after = DaliOutput(cpu, False, None, norm, True), DaliOutput(cpu, False, None, norm, False)
+        inside, after = DaliOutput(False, None, norm, True), DaliOutput(False, None, norm, False)
         files = scan_split(jpeg_dataset, "val").files
         kw = {"rank": 0, "world_size": 1}
         a = collect(DaliValLoader(files, cfg.data, output=inside, **kw))

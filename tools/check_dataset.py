@@ -98,10 +98,9 @@ def scan_split(root: Path, split: str, workers: int) -> SplitReport:
         return report
     if not report.classes:
         report.problems.append(f"no class folders in {folder}")
-    images: list[str] = []
     per_class: dict[str, list[str]] = {}
     for name in report.classes:
-        count = 0
+        files: list[str] = []
         try:
             entries = sorted(read_dir(folder / name), key=lambda e: e.name)
         except DatasetError as e:
@@ -114,15 +113,16 @@ def scan_split(root: Path, split: str, workers: int) -> SplitReport:
                 if entry_is_dir(entry):
                     report.not_images.append(f"{entry.path}/ (a sub-folder; the loaders do not look inside)")
                 elif is_image_file(entry.name) and entry_is_file(entry):
-                    images.append(entry.path)
-                    per_class.setdefault(name, []).append(entry.path)
-                    count += 1
+                    files.append(entry.path)
                 else:
                     report.not_images.append(entry.path)
             except DatasetError as e:
                 report.problems.append(str(e))
-        if count == 0:
+        if files:
+            per_class[name] = files
+        else:
             report.empty_classes.append(str(folder / name))
+    images = [path for files in per_class.values() for path in files]
     report.images = len(images)
     if workers > 1 and len(images) > 1:
         with ProcessPoolExecutor(workers) as pool:
