@@ -124,11 +124,6 @@ def cleanup() -> None:
         dist.destroy_process_group()
 
 
-def barrier() -> None:
-    if is_initialized():
-        dist.barrier()
-
-
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sums a tensor over ranks in place (no-op in a single process) and returns it."""
     if is_initialized():

@@ -57,32 +57,34 @@ def max_weight(model: torch.nn.Module) -> float:
     return float(torch.stack(peaks).max()) if peaks else 0.0
 
 
-def check_state(ctx, num_classes: int, reference_max: float) -> str | None:
-    """Why the state must not be saved (one sentence), or None; collective.
+def check_state(ctx, num_classes: int, reference_max: float) -> tuple[str | None, float]:
+    """Why the state must not be saved (one sentence), or None; and this rank's :func:`max_weight` (0.0 where a
+    tensor is not finite), the ``reference_max`` of the next check once the state is saved; collective.
 
     ``reference_max`` is :func:`max_weight` at the previous save (or at the start of this process).
     """
     bad = first_non_finite(ctx)
     loss_peak = float(ctx.loss_peak) if ctx.loss_peak is not None else 0.0
     loss_bad = not math.isfinite(loss_peak)
-    weight = max_weight(ctx.model) if bad is None else 0.0
+    own_weight = max_weight(ctx.model) if bad is None else 0.0
     flags = torch.tensor(
-        [float(bad is not None), float(loss_bad), 0.0 if loss_bad else loss_peak, weight], device=ctx.device
+        [float(bad is not None), float(loss_bad), 0.0 if loss_bad else loss_peak, own_weight], device=ctx.device
     )
     any_bad, any_loss_bad, loss_peak, weight = du.all_reduce_max(flags).tolist()
     limit = LOSS_LIMIT * math.log(max(num_classes, 2))
+    problem = None
     if any_bad:
-        return f"{bad or 'a tensor on another rank'} holds NaN or inf values"
-    if any_loss_bad:
-        return "the training loss was NaN or infinite since the last checkpoint"
-    if loss_peak > limit:
-        return (
+        problem = f"{bad or 'a tensor on another rank'} holds NaN or inf values"
+    elif any_loss_bad:
+        problem = "the training loss was NaN or infinite since the last checkpoint"
+    elif loss_peak > limit:
+        problem = (
             f"the training loss reached {loss_peak:.4g} since the last checkpoint (the limit is {LOSS_LIMIT:g} x "
             f"ln({num_classes}) = {limit:.4g}, the loss of a uniform guess): a step diverged"
         )
-    if reference_max > 0 and weight > GROWTH_LIMIT * reference_max:
-        return (
+    elif reference_max > 0 and weight > GROWTH_LIMIT * reference_max:
+        problem = (
             f"the largest weight grew from {reference_max:.4g} to {weight:.4g} ({weight / reference_max:.0f}x, the "
             f"limit is {GROWTH_LIMIT:g}x) since the last checkpoint: the weights exploded"
         )
-    return None
+    return problem, own_weight

@@ -155,15 +155,7 @@ class JsonlWriter:
 
     def records(self) -> list[dict[str, Any]]:
         """The records written so far; a line cut off by a kill is skipped."""
-        if not self.path.exists():
-            return []
-        out = []
-        for line in self.path.read_text().splitlines():
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                continue
-        return out
+        return _parse_records(self.path.read_text()) if self.path.exists() else []
 
     def truncate_after(self, completed_epochs: int) -> None:
         """On resume, drops lines of epochs after ``completed_epochs`` (logged after the checkpoint we resume from).
@@ -174,9 +166,20 @@ class JsonlWriter:
         if not self.path.exists():
             return
         text = self.path.read_text()
-        kept = "".join(json.dumps(r) + "\n" for r in self.records() if r.get("epoch", 0) <= completed_epochs)
+        kept = "".join(json.dumps(r) + "\n" for r in _parse_records(text) if r.get("epoch", 0) <= completed_epochs)
         if kept != text:
             write_text_atomic(self.path, kept)
+
+
+def _parse_records(text: str) -> list[dict[str, Any]]:
+    """The JSON records of a log.jsonl text, one a line; a line cut off by a kill is skipped."""
+    out = []
+    for line in text.splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out
 
 
 class TensorBoard:

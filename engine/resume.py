@@ -95,7 +95,7 @@ def config_changes(saved: dict, cfg: Config) -> list[tuple[str, object, object]]
     """
     old = _with_model_defaults(_plain(_flat(saved.get("config") or {})))
     new = _with_model_defaults(_plain(_flat(cfg.to_dict())))
-    return [(k, old[k], new.get(k)) for k in sorted(old.keys() | new.keys()) if k in old and old[k] != new.get(k)]
+    return [(k, old[k], new.get(k)) for k in sorted(old) if old[k] != new.get(k)]
 
 
 def _describe(changes) -> str:

@@ -255,7 +255,7 @@ class Checkpointer:
         Raises :class:`UnsafeStateError` (nothing written) when the state diverged, and
         :class:`CheckpointWriteError` when the write failed; the checkpoint on disk is intact either way.
         """
-        problem = health.check_state(self.ctx, self.cfg.model.num_classes, self.reference_max)
+        problem, weight = health.check_state(self.ctx, self.cfg.model.num_classes, self.reference_max)
         if problem is not None:
             raise UnsafeStateError(
                 f"Refusing to save a checkpoint at epoch {epoch}, step {step_in_epoch}: {problem}. The run stops "
@@ -271,7 +271,7 @@ class Checkpointer:
         error = du.broadcast_from_main(error)  # also the barrier that keeps the ranks together
         if error is not None:
             raise CheckpointWriteError(error)
-        self.reference_max = health.max_weight(self.ctx.model)
+        self.reference_max = weight  # the weights saved just now
         if self.ctx.loss_peak is not None:
             self.ctx.loss_peak.zero_()
         self.on_disk = f"epoch {epoch}, step {step_in_epoch}"

@@ -47,3 +47,15 @@ run_state() {
 # older than these variables ignore them.
 export TORCHELASTIC_SIGNALS_TO_HANDLE=${TORCHELASTIC_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-120}
+
+# wait_child PID: waits until the child PID has exited and returns its exit status. A bare `wait` returns early
+# (status > 128) when a trapped signal arrives, which is how the launch scripts forward signals to their child.
+wait_child() {
+  local rc=0
+  wait "$1" || rc=$?
+  while kill -0 "$1" 2>/dev/null; do
+    rc=0
+    wait "$1" || rc=$?
+  done
+  return "$rc"
+}

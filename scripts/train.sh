@@ -38,11 +38,7 @@ pid=$!
 trap 'kill -TERM "$pid" 2>/dev/null || true' TERM USR1
 trap 'kill -INT "$pid" 2>/dev/null || true' INT
 rc=0
-wait "$pid" || rc=$?
-while kill -0 "$pid" 2>/dev/null; do # `wait` returns early when a trapped signal arrives
-  rc=0
-  wait "$pid" || rc=$?
-done
+wait_child "$pid" || rc=$?
 if [[ "$(run_state "$AN_STATUS_FILE")" == preempted ]]; then
   echo "train.sh: the run stopped with a checkpoint (preempted); run the same command to resume." >&2
   exit 75
