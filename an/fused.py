@@ -423,13 +423,8 @@ if triton is not None:
     ):  # fmt: skip
         # y = (x - m) * a + b with lam = act(t[n]), a = (lam @ Gamma) * rs, b = lam @ B + a * (m - mu).
         n = tl.program_id(0)
-        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-        cm = c < C
-        k = tl.arange(0, BLOCK_K)
-        km = k < K
+        c, cm, k, km, kc, kcm = _channel_block(tl.program_id(1), C, K, BLOCK_C, BLOCK_K)
         lam = _act(tl.load(t_ptr + n * K + k[None, :], mask=km[None, :], other=0.0), km[None, :], ACT)  # [1, BK]
-        kc = k[:, None] * C + c[None, :]
-        kcm = km[:, None] & cm[None, :]
         scale = tl.sum(tl.sum(lam[:, :, None] * tl.load(gamma_ptr + kc, mask=kcm, other=0.0)[None, :, :], 1), 0)
         shift = tl.sum(tl.sum(lam[:, :, None] * tl.load(beta_ptr + kc, mask=kcm, other=0.0)[None, :, :], 1), 0)
         m = tl.load(m_ptr + n * C + c, mask=cm, other=0.0)

@@ -9,7 +9,6 @@ from an.checks import check_choice, check_int, check_rate
 
 __all__ = [
     "GLOBAL_POOLS",
-    "check_head",
     "classifier",
     "conv2d",
     "drop_path_rates",
@@ -38,8 +37,9 @@ def classifier(in_features: int, num_classes: int) -> nn.Module:
     return nn.Linear(in_features, num_classes) if num_classes > 0 else nn.Identity()
 
 
-def check_head(owner: str, global_pool: str, num_classes: int) -> str:
-    """Validates a global-pool type against the classifier it feeds."""
+def global_pool_layer(owner: str, global_pool: str, num_classes: int) -> SelectAdaptivePool2d:
+    """timm's selectable global pool, checked against the classifier it feeds; flattens to (N, C) unless
+    ``global_pool == ''``."""
     check_choice(owner, "global_pool", global_pool, GLOBAL_POOLS)
     check_int(owner, "num_classes", num_classes, minimum=0)
     if global_pool == "" and num_classes > 0:
@@ -47,12 +47,6 @@ def check_head(owner: str, global_pool: str, num_classes: int) -> str:
             f"{owner}: global_pool='' (no pooling) leaves a feature map, which a linear classifier cannot take; "
             f"use it with num_classes=0, or keep a pool (one of {', '.join(map(repr, GLOBAL_POOLS[:-1]))})"
         )
-    return global_pool
-
-
-def global_pool_layer(owner: str, global_pool: str, num_classes: int) -> SelectAdaptivePool2d:
-    """timm's selectable global pool; flattens to (N, C) unless ``global_pool == ''``."""
-    check_head(owner, global_pool, num_classes)
     return SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))
 
 

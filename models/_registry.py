@@ -86,8 +86,7 @@ def model_options(name: str) -> dict[str, tuple[Any, Any]]:
 
     The annotation is resolved to a type where possible (``typing.Any`` otherwise).
     """
-    model_entrypoint(name)
-    target = _OPTIONS_FROM[name]
+    target = model_class(name)
     init = target.__init__ if inspect.isclass(target) else target
     try:
         hints = typing.get_type_hints(init)

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from an.checks import check_int, check_rate
 
 from ._backbone import Backbone
-from ._layers import classifier, conv2d
+from ._layers import conv2d
 from ._norms import NormFn, make_norm_layers
 from ._registry import register_model
 
@@ -174,7 +174,7 @@ class DenseNet(Backbone):
         self._init_features(["features"], taps, checkpointed=["features"])
 
     def _new_classifier(self, num_classes: int) -> nn.Module:
-        fc = classifier(self.head_hidden_size, num_classes)
+        fc = super()._new_classifier(num_classes)
         if isinstance(fc, nn.Linear):
             nn.init.zeros_(fc.bias)
         return fc

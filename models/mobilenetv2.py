@@ -25,7 +25,7 @@ import an
 from an.checks import check_flag, check_int, check_number, check_rate
 
 from ._backbone import Backbone
-from ._layers import classifier, conv2d, drop_path_rates, make_drop_path
+from ._layers import conv2d, drop_path_rates, make_drop_path
 from ._norms import NormFn, make_norm_layers
 from ._registry import register_model
 
@@ -164,7 +164,7 @@ class MobileNetV2(Backbone):
         features.append(conv_norm_act(cin, num_features, 1, 1, norm_layers.norm))
         taps.append(dict(num_chs=num_features, reduction=reduction, module=f"features.{len(features) - 1}"))
         self.features = nn.Sequential(*features)
-        self._init_head(owner, num_features, num_classes, global_pool, drop_rate)
+        self._init_head(owner, num_features, num_classes, global_pool)  # the dropout is classifier.0
         self.classifier = nn.Sequential(nn.Dropout(drop_rate), self._new_classifier(num_classes))
         self._init_features(["features"], taps, checkpointed=["features"])
         if check_flag(owner, "zero_init_last", zero_init_last):
@@ -173,7 +173,7 @@ class MobileNetV2(Backbone):
                     m.zero_init_last()
 
     def _new_classifier(self, num_classes: int) -> nn.Module:
-        fc = classifier(self.head_hidden_size, num_classes)
+        fc = super()._new_classifier(num_classes)
         if isinstance(fc, nn.Linear):  # the usual MobileNetV2 init
             nn.init.normal_(fc.weight, 0.0, 0.01)
             nn.init.zeros_(fc.bias)

@@ -204,7 +204,7 @@ class ResNet(Backbone):
         in_chans = check_int(owner, "in_chans", in_chans)
         base_width = check_int(owner, "base_width", base_width, 2)
         drop_rate = check_rate(owner, "drop_rate", drop_rate)
-        dpr = drop_path_rates(owner, drop_path_rate, sum(layers))
+        dpr = iter(drop_path_rates(owner, drop_path_rate, sum(layers)))
         every = norm_layers.placed and placement == "all"
         stem_norm = norm_layers.stages[0] if every else norm_layers.norm
 
@@ -231,7 +231,7 @@ class ResNet(Backbone):
         trunk = ["conv1", "bn1", "relu", "maxpool"]
         for i, (n, stride) in enumerate(zip(layers, (1, 2, 2, 2))):
             planes = base_width * 2**i
-            rates = dpr[sum(layers[:i]) : sum(layers[: i + 1])]
+            rates = [next(dpr) for _ in range(n)]
             stage, inplanes = self._make_stage(block, norm_layers, inplanes, planes, n, stride, i, avg_down, rates)
             self.add_module(f"layer{i + 1}", stage)
             taps.append(dict(num_chs=inplanes, reduction=2 ** (i + 2), module=f"layer{i + 1}"))
