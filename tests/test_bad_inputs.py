@@ -186,19 +186,24 @@ def test_overrides_are_accepted_in_any_position(tmp_path, capsys):
 # ----------------------------------------------------------------------------------------------------
 
 
+def folder_config(tmp_path: Path, root: Path, data: dict | None = None, **train) -> Path:
+    """A one-epoch run of the tiny model on the 3-class folder dataset ``root``; ``data`` adds data settings."""
+    return tiny_config(
+        tmp_path,
+        model={"num_classes": 3},
+        data={"backend": "torch", "root": str(root), "batch_size": 4, "img_size": 32, **(data or {})},
+        sched={"epochs": 1, "warmup_epochs": 0},
+        train=train,
+        log={"tensorboard": False},
+    )
+
+
 @pytest.fixture(scope="module")
 def folder_run(tmp_path_factory):
     """A tiny model trained for one step on a 3-class JPEG folder dataset (cat, dog, owl)."""
     tmp = tmp_path_factory.mktemp("folder_run")
     root = make_image_folder(tmp / "ds", train_per_class=2, val_per_class=2, size=(40, 32))
-    config = tiny_config(
-        tmp,
-        model={"num_classes": 3},
-        data={"backend": "torch", "root": str(root), "batch_size": 4, "img_size": 32},
-        sched={"epochs": 1, "warmup_epochs": 0},
-        train={"steps_per_epoch": 1},
-        log={"tensorboard": False},
-    )
+    config = folder_config(tmp, root, steps_per_epoch=1)
     assert main_guard(train.main, ["--config", str(config)]) == 0
     return tmp / "run" / "last.pth", root
 
@@ -367,17 +372,6 @@ def test_the_debug_switch_shows_the_traceback(tmp_path):
 # ----------------------------------------------------------------------------------------------------
 
 
-def folder_config(tmp_path: Path, root: Path, **train) -> Path:
-    return tiny_config(
-        tmp_path,
-        model={"num_classes": 3},
-        data={"backend": "torch", "root": str(root), "batch_size": 4, "img_size": 32},
-        sched={"epochs": 1, "warmup_epochs": 0},
-        train=train,
-        log={"tensorboard": False},
-    )
-
-
 def test_a_symlink_loop_in_the_dataset_is_a_clean_error(tmp_path, capsys):
     root = make_image_folder(tmp_path / "ds", train_per_class=2, val_per_class=1)
     (root / "train" / "loop").symlink_to("loop")  # a link to itself, where a class folder would be
@@ -489,13 +483,7 @@ def test_dali_decode_error_in_training_is_one_paragraph(tmp_path):
     pytest.importorskip("nvidia.dali")
     root = make_image_folder(tmp_path / "ds", train_per_class=4, val_per_class=1, size=(64, 48))
     bad = corrupt_file(root / "train" / "dog" / "dog_1.JPEG", "truncate")
-    config = tiny_config(
-        tmp_path,
-        model={"num_classes": 3},
-        data={"backend": "dali_cpu", "root": str(root), "batch_size": 4, "img_size": 32, "workers": 1},
-        sched={"epochs": 1, "warmup_epochs": 0},
-        log={"tensorboard": False},
-    )
+    config = folder_config(tmp_path, root, data={"backend": "dali_cpu", "workers": 1})
     status, err = run_script("train.py", "--config", str(config), "--device", "cpu")
     assert status == 2, err
     assert_one_paragraph(err, "dog_1.JPEG")

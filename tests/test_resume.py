@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 from pathlib import Path
@@ -16,7 +15,7 @@ from engine import checkpoint as ck
 from engine.distributed import EXIT_PREEMPTED
 from tests.conftest import tiny_config
 from tests.image_folders import make_image_folder
-from tests.test_train import SignalAfter, assert_same_state
+from tests.test_train import SignalAfter, assert_same_state, read_log, wrap_train_loader
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -74,7 +73,7 @@ def test_allow_changes_resumes_and_logs_the_changes(run_copy):
     assert train.main(["--config", str(config), "optim.lr=0.1", "sched.epochs=3", "--allow-changes"]) == 0
     text = train_log(run_dir)
     assert "allowed by --allow-changes: optim.lr 0.05 -> 0.1" in text
-    assert [json.loads(line)["epoch"] for line in (run_dir / "log.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert [record["epoch"] for record in read_log(run_dir)] == [1, 2, 3]
 
 
 def test_more_epochs_continue_on_the_schedule_recomputed_from_the_step(run_copy):
@@ -84,7 +83,7 @@ def test_more_epochs_continue_on_the_schedule_recomputed_from_the_step(run_copy)
     assert train.main(["--config", str(config), "sched.epochs=4"]) == 0
     text = train_log(run_dir)
     assert "sched.epochs changed from 2 to 4" in text and "sched.epochs 2 -> 4: the LR for update 4" in text
-    log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    log = read_log(run_dir)
     peak, warmup, total = 0.05 * 8 / 256, 1, 8  # 2 updates per epoch, 0.5 warm-up epochs, 4 epochs
     for record in log[2:]:  # the last update of epoch e is update 2e - 1 (0-based), evaluated at its end: 2e
         t = 2 * record["epoch"]
@@ -141,14 +140,8 @@ def test_moved_data_is_a_notice_and_resumes_at_the_same_step_but_other_data_is_r
     assert train.main(["--config", str(straight)]) == 0
 
     config = folder_config(tmp_path, folders / "a")
-    real_build = data.build_loaders
-
-    def build_with_signal(*args, **kwargs):
-        loaders = real_build(*args, **kwargs)
-        loaders.train = SignalAfter(loaders.train, epoch=0, at=2)  # stop mid-epoch 1 (6 steps)
-        return loaders
-
-    monkeypatch.setattr(data, "build_loaders", build_with_signal)
+    # stop mid-epoch 1 (6 steps)
+    real_build = wrap_train_loader(monkeypatch, lambda loader: SignalAfter(loader, epoch=0, at=2))
     assert train.main(["--config", str(config)]) == EXIT_PREEMPTED
     monkeypatch.setattr(data, "build_loaders", real_build)
     with pytest.raises(ck.CheckpointError, match=r"an epoch now has 9 steps but had 6"):

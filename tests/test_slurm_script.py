@@ -168,8 +168,12 @@ def test_requeue_is_decided_from_the_trainers_status_file(fake_slurm, state, rc,
     assert (tmp / "scontrol.log").exists() == requeued, result.stdout + result.stderr
     assert result.returncode == (0 if requeued else rc)
     assert f"state {state}" in result.stdout
-    (tmp / "status.json").write_text('{\n "state": "preempted"\n}\n')
-    result = run_sbatch(env, "resnet50_an.yaml", FAKE_SRUN_RC="1")  # this start wrote nothing: a stale file is ignored
+
+
+def test_a_stale_status_file_is_ignored(fake_slurm):
+    env, tmp = fake_slurm
+    (tmp / "status.json").write_text('{\n "state": "preempted"\n}\n')  # left by the previous start of the job
+    result = run_sbatch(env, "resnet50_an.yaml", FAKE_SRUN_RC="1")  # this start wrote nothing
     assert result.returncode == 1 and "state unknown" in result.stdout
 
 
