@@ -41,13 +41,15 @@ def first_non_finite(ctx) -> str | None:
     named = [(f"model {n}", t) for n, t in ctx.model.state_dict().items()]
     if ctx.ema is not None:
         named += [(f"EMA {n}", t) for n, t in ctx.ema.state_dict().items()]
-    for name, t in named:
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            return name
-    for t in _tensors_of(ctx.optimizer.state):
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            return "the optimizer state"
-    return None
+    named += [("the optimizer state", t) for t in _tensors_of(ctx.optimizer.state)]
+    named = [(name, t) for name, t in named if t.is_floating_point()]
+    if not named:
+        return None
+    # One flag per tensor, gathered on the run's device and read back once (not one device sync per tensor).
+    finite = torch.stack([torch.isfinite(t).all().to(ctx.device) for _, t in named])
+    if bool(finite.all()):
+        return None
+    return named[int((~finite).nonzero()[0])][0]
 
 
 @torch.no_grad()
