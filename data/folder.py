@@ -215,18 +215,24 @@ def scan_split(root: str | Path, split: str, classes: list[str] | None = None) -
     return SplitIndex(split, folder, found, FileTable(folder, rel_paths, labels))
 
 
+def class_difference(found: list[str], expected: list[str]) -> tuple[str, str]:
+    """The class names only in ``found`` and only in ``expected``, each as a short sorted list for a message
+    (the first 8 names and the count, or "none")."""
+
+    def show(names: set[str]) -> str:
+        names = sorted(names)
+        return ", ".join(names[:8]) + (f" ... ({len(names)} in all)" if len(names) > 8 else "") or "none"
+
+    return show(set(found) - set(expected)), show(set(expected) - set(found))
+
+
 def class_mismatch_error(root: Path, expected: list[str], found: list[str], split: str) -> DatasetError:
     """The error for a split whose class folders differ from the other split's."""
     other = "val" if split == "train" else "train"
-    only_here = sorted(set(found) - set(expected))
-    only_there = sorted(set(expected) - set(found))
-
-    def show(names: list[str]) -> str:
-        return ", ".join(names[:8]) + (f" ... ({len(names)} in all)" if len(names) > 8 else "") or "none"
-
+    only_here, only_there = class_difference(found, expected)
     return _error(
         f"The class folders of '{split}' ({len(found)}) and '{other}' ({len(expected)}) differ. "
-        f"Only in {split}/: {show(only_here)}. Only in {other}/: {show(only_there)}",
+        f"Only in {split}/: {only_here}. Only in {other}/: {only_there}",
         root,
     )
 

@@ -22,6 +22,7 @@ from torch import nn
 import an
 import data
 import models
+from data.folder import class_difference
 from engine import distributed as du
 from engine.accel import compile_models
 from engine.checkpoint import seed_everything
@@ -138,16 +139,11 @@ def check_dataset_classes(saved: list[str] | None, cfg: Config, loaders: data.Lo
     if saved is not None:
         if list(saved) == list(found):
             return
-
-        def show(names: list[str]) -> str:
-            return ", ".join(names[:8]) + (f" ... ({len(names)} in all)" if len(names) > 8 else "") or "none"
-
-        only_data = sorted(set(found) - set(saved))
-        only_ckpt = sorted(set(saved) - set(found))
+        only_data, only_ckpt = class_difference(found, saved)
         raise data.DatasetError(
             f"The dataset at {root} does not hold the classes {source} was trained on: it has {len(found)} class "
-            f"folders, the checkpoint {len(saved)}. Only in the dataset: {show(only_data)}; only in the checkpoint: "
-            f"{show(only_ckpt)}. Labels follow the sorted class folder names, so the accuracy would compare the "
+            f"folders, the checkpoint {len(saved)}. Only in the dataset: {only_data}; only in the checkpoint: "
+            f"{only_ckpt}. Labels follow the sorted class folder names, so the accuracy would compare the "
             f"model's outputs with the wrong classes. Pass --data-root with the dataset the model was trained on "
             f"(or one with exactly its class folders)."
         )
