@@ -8,10 +8,8 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,44 +17,19 @@ import torch
 
 from engine import checkpoint as ck
 from tests.conftest import tiny_config
+from tests.processes import children, free_port, read_json, read_log, run_ok, start, tensors, torchrun, wait_for
 
-REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
 
 # GroupNorm: no batch statistics, so 2 ranks x batch B must equal 1 process x batch 2B.
 BN_FREE = {"model": {"norm": "gn", "norm_kwargs": {"groups": 4}}}
 
 
-def env() -> dict[str, str]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
-    return {**clean, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
-
-
-def torchrun(*args: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", *args]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run(cmd: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
-
-
-def read_log(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
-
-
 def test_two_ranks_match_one_process_with_the_double_batch(tmp_path):
     two = tiny_config(tmp_path / "two", **BN_FREE)
     one = tiny_config(tmp_path / "one", data={"batch_size": 16}, **BN_FREE)
-    result = run(["bash", "scripts/train.sh", str(two), "2"])  # the single-node launcher: torchrun, 2 workers
-    assert result.returncode == 0, result.stdout + result.stderr
-    result = run([sys.executable, "train.py", "--config", str(one)])
-    assert result.returncode == 0, result.stdout + result.stderr
+    run_ok(["bash", "scripts/train.sh", str(two), "2"])  # the single-node launcher: torchrun, 2 workers
+    run_ok([sys.executable, "train.py", "--config", str(one)])
     log = read_log(tmp_path / "two" / "run")
     assert all(r["ranks_consistent"] for r in log)  # identical weights on both ranks after every epoch
     assert all(r["val_count"] == 21 for r in log)  # odd validation set counted exactly once across ranks
@@ -69,26 +42,22 @@ def test_two_ranks_match_one_process_with_the_double_batch(tmp_path):
         assert ra["val_top1"] == rb["val_top1"]
 
     # eval.py under torchrun with 2 workers: every image once, the trainer's number.
-    result = run(["bash", "scripts/eval.sh", str(tmp_path / "two" / "run" / "last.pth"), "2"])
-    assert result.returncode == 0, result.stdout + result.stderr
-    evaluated = json.loads(result.stdout.strip().splitlines()[-1])
+    out = run_ok(["bash", "scripts/eval.sh", str(tmp_path / "two" / "run" / "last.pth"), "2"])
+    evaluated = json.loads(out.strip().splitlines()[-1])
     assert evaluated["count"] == 21 and evaluated["world_size"] == 2 and evaluated["top1"] == log[-1]["val_top1"]
 
 
 def worker_pids(agent_pid: int) -> dict[int, int]:
     """rank -> pid of the training processes started by a torchrun agent (read from /proc)."""
     found = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
+    for pid in children(agent_pid):
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            if int(fields[1]) != agent_pid:
-                continue
-            environ = (stat.parent / "environ").read_bytes().split(b"\0")
-        except (OSError, IndexError, ValueError):
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
             continue
         for item in environ:
             if item.startswith(b"RANK="):
-                found[int(item[5:])] = int(stat.parent.name)
+                found[int(item[5:])] = pid
     return found
 
 
@@ -98,13 +67,8 @@ def start_two_ranks(config: Path, until: str) -> tuple[subprocess.Popen, list[st
     Returns the torchrun process, its command line and the workers' pids by rank.
     """
     cmd = torchrun("--standalone", "--nproc_per_node", "2", "train.py", "--config", str(config))
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    log_file = config.parent / "run" / "train.log"
-    deadline = time.time() + 180
-    while not (log_file.exists() and until in log_file.read_text()):
-        assert proc.poll() is None, proc.stdout.read()
-        assert time.time() < deadline, f"training never logged {until!r}"
-        time.sleep(0.05)
+    proc = start(cmd, new_session=False)
+    wait_for(proc, config.parent / "run" / "train.log", until, timeout=180)
     pids = worker_pids(proc.pid)
     assert sorted(pids) == [0, 1]
     return proc, cmd, pids
@@ -113,21 +77,19 @@ def start_two_ranks(config: Path, until: str) -> tuple[subprocess.Popen, list[st
 def test_sigterm_to_one_rank_stops_all_ranks_at_the_same_step_and_resumes_exactly(tmp_path):
     sections = {"data": {"synthetic_train_size": 240}, "log": {"interval": 1, "progress": "lines"}}
     straight = tiny_config(tmp_path / "a", **sections)
-    result = run(torchrun("--standalone", "--nproc_per_node", "2", "train.py", "--config", str(straight)))
-    assert result.returncode == 0, result.stdout + result.stderr
+    run_ok(torchrun("--standalone", "--nproc_per_node", "2", "train.py", "--config", str(straight)))
 
     proc, cmd, pids = start_two_ranks(tiny_config(tmp_path / "b", **sections), until="epoch 1/2 [4/15]")
     os.kill(pids[1], signal.SIGTERM)  # only rank 1 is told; rank 0 must stop at the same step
     out, _ = proc.communicate(timeout=180)
     assert "exitcode  : 75" in out or "exitcode: 75" in out.replace(" ", ""), out
-    status = json.loads((tmp_path / "b" / "run" / "status.json").read_text())
+    status = read_json(tmp_path / "b" / "run" / "status.json")
     assert status["state"] == "preempted" and status["epoch"] == 0
     mid = ck.load_checkpoint(tmp_path / "b" / "run" / "last.pth")
     assert mid["step_in_epoch"] == status["step"] and 4 <= status["step"] < 15
     assert len(mid["rng"]) == 2  # every rank's RNG state, so each resumes its own stream
 
-    result = run(cmd)  # the same command resumes
-    assert result.returncode == 0, result.stdout + result.stderr
+    run_ok(cmd)  # the same command resumes
     a = ck.load_checkpoint(tmp_path / "a" / "run" / "last.pth")
     b = ck.load_checkpoint(tmp_path / "b" / "run" / "last.pth")
     for k in a["model"]:
@@ -150,8 +112,7 @@ def test_hard_kill_between_timed_checkpoints_of_two_ranks_resumes_bitwise(tmp_pa
         "log": {"interval": 1, "progress": "lines"},
     }
     straight = tiny_config(tmp_path / "a", **sections)
-    result = run(torchrun("--standalone", "--nproc_per_node", "2", "train.py", "--config", str(straight)))
-    assert result.returncode == 0, result.stdout + result.stderr
+    run_ok(torchrun("--standalone", "--nproc_per_node", "2", "train.py", "--config", str(straight)))
 
     config = tiny_config(tmp_path / "b", **sections)
     proc, cmd, pids = start_two_ranks(config, until="epoch 1/2 [8/15]")  # past the timed saves at steps 3 and 6
@@ -162,25 +123,16 @@ def test_hard_kill_between_timed_checkpoints_of_two_ranks_resumes_bitwise(tmp_pa
     assert mid["epoch"] == 0 and mid["step_in_epoch"] >= 6 and mid["step_in_epoch"] % 3 == 0  # a timed checkpoint
     assert len(mid["rng"]) == 2 and not torch.equal(mid["rng"][0]["torch"], mid["rng"][1]["torch"])
 
-    result = run(cmd)  # the same command resumes from the timed checkpoint
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert f"epoch 0, step {mid['step_in_epoch']}" in result.stdout and "reseeded" not in result.stdout
+    out = run_ok(cmd)  # the same command resumes from the timed checkpoint
+    assert f"epoch 0, step {mid['step_in_epoch']}" in out and "reseeded" not in out
     a = ck.load_checkpoint(tmp_path / "a" / "run" / "last.pth")
     b = ck.load_checkpoint(tmp_path / "b" / "run" / "last.pth")
     assert a["global_update"] == b["global_update"] == 30
     for key in ("model", "optimizer"):
-        flat_a, flat_b = _tensors(a[key]), _tensors(b[key])
+        flat_a, flat_b = tensors(a[key]), tensors(b[key])
         assert flat_a.keys() == flat_b.keys()
         for k in flat_a:
             assert torch.equal(flat_a[k], flat_b[k]), f"{key}: {k}"
-
-
-def _tensors(state, prefix: str = "") -> dict[str, torch.Tensor]:
-    """Every tensor of a nested state dict, by its path."""
-    if isinstance(state, torch.Tensor):
-        return {prefix: state}
-    items = state.items() if isinstance(state, dict) else enumerate(state) if isinstance(state, list) else []
-    return {k: v for key, value in items for k, v in _tensors(value, f"{prefix}.{key}").items()}
 
 
 def test_two_torchrun_agents_as_two_nodes(tmp_path):
@@ -188,13 +140,13 @@ def test_two_torchrun_agents_as_two_nodes(tmp_path):
     config = tiny_config(tmp_path, **BN_FREE)
     port = free_port()
     agents = [
-        subprocess.Popen(
+        start(
             torchrun(
                 "--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend", "c10d",
                 "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "two-node-test", "--max-restarts", "0",
                 "train.py", "--config", str(config),
             ),
-            cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            new_session=False,
         )
         for _ in range(2)
     ]  # fmt: skip

@@ -12,13 +12,10 @@ import json
 import os
 import signal
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-import torch
 
 import engine.build
 import eval as eval_script
@@ -27,81 +24,23 @@ from engine import checkpoint as ck
 from engine.distributed import EXIT_PREEMPTED
 from tests.conftest import tiny_config
 from tests.image_folders import make_image_folder
-
-REPO = Path(__file__).resolve().parent.parent
-
+from tests.processes import (
+    REPO,
+    assert_bitwise_equal,
+    children,
+    read_json,
+    read_log,
+    run,
+    run_ok,
+    start,
+    torchrun,
+    train_cmd,
+    wait_for,
+)
 
 # ----------------------------------------------------------------------------------------------------
 # Helpers: processes, logs, checkpoints.
 # ----------------------------------------------------------------------------------------------------
-
-
-def env(**extra: str) -> dict[str, str]:
-    clean = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_", "AN_FAULT", "AN_STATUS_FILE"))
-    }
-    return {**clean, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO), **extra}
-
-
-def train_cmd(config: Path, *args: str) -> list[str]:
-    return [sys.executable, str(REPO / "train.py"), "--config", str(config), *args]
-
-
-def torchrun(*args: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", *args]
-
-
-def run(cmd: list[str], timeout: int = 600, **extra_env: str) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, cwd=REPO, env=env(**extra_env), capture_output=True, text=True, timeout=timeout)
-
-
-def start(cmd: list[str], **extra_env: str) -> subprocess.Popen:
-    """Starts ``cmd`` as the leader of a new process group (so that the test can signal the whole group)."""
-    return subprocess.Popen(
-        cmd,
-        cwd=REPO,
-        env=env(**extra_env),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-
-
-def wait_for(proc: subprocess.Popen, log_file: Path, text: str, timeout: float = 300) -> None:
-    deadline = time.time() + timeout
-    while not (log_file.exists() and text in log_file.read_text()):
-        assert proc.poll() is None, proc.stdout.read()
-        assert time.time() < deadline, f"the run never logged {text!r}"
-        time.sleep(0.05)
-
-
-def read_log(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
-
-
-def read_json(path: Path) -> dict:
-    return json.loads(path.read_text())
-
-
-def tensors(state, prefix: str = "") -> dict[str, torch.Tensor]:
-    """Every tensor of a nested state dict, by its path."""
-    if isinstance(state, torch.Tensor):
-        return {prefix: state}
-    items = state.items() if isinstance(state, dict) else enumerate(state) if isinstance(state, list) else []
-    return {k: v for key, value in items for k, v in tensors(value, f"{prefix}.{key}").items()}
-
-
-def assert_bitwise_equal(a_path: Path, b_path: Path, keys=("model", "optimizer")) -> None:
-    a, b = ck.load_checkpoint(a_path), ck.load_checkpoint(b_path)
-    assert (a["epoch"], a["step_in_epoch"], a["global_update"]) == (b["epoch"], b["step_in_epoch"], b["global_update"])
-    for key in keys:
-        ta, tb = tensors(a[key]), tensors(b[key])
-        assert ta.keys() == tb.keys(), key
-        for k in ta:
-            assert torch.equal(ta[k], tb[k]), f"{key}{k} differs"
 
 
 def leftovers(run_dir: Path) -> list[str]:
@@ -140,8 +79,7 @@ def jpeg_config(tmp_path: Path, root: Path) -> Path:
 def jpeg_reference(tmp_path_factory, jpeg_root) -> Path:
     """The unbroken one-process run that every interrupted one-process run must end equal to."""
     tmp = tmp_path_factory.mktemp("jpeg_reference")
-    result = run(train_cmd(jpeg_config(tmp, jpeg_root)))
-    assert result.returncode == 0, result.stdout + result.stderr
+    run_ok(train_cmd(jpeg_config(tmp, jpeg_root)))
     return tmp / "run"
 
 
@@ -163,8 +101,7 @@ def test_group_sigterm_from_timeout_checkpoints_exits_75_and_resumes_bitwise(tmp
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == EXIT_PREEMPTED, out
     check_preempted_mid_run(tmp_path / "run", JPEG_STEPS, out)
-    result = run(train_cmd(config))  # the same command resumes
-    assert result.returncode == 0, result.stdout + result.stderr
+    run_ok(train_cmd(config))  # the same command resumes
     assert_bitwise_equal(jpeg_reference / "last.pth", tmp_path / "run" / "last.pth")
 
 
@@ -179,8 +116,7 @@ def test_sigterm_to_torchrun_one_rank_checkpoints_and_resumes_bitwise(tmp_path, 
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode != 0, out  # torchrun reports a stopped worker as a failure: status.json tells
     check_preempted_mid_run(tmp_path / "run", JPEG_STEPS, out)
-    result = run(cmd)
-    assert result.returncode == 0, result.stdout + result.stderr
+    run_ok(cmd)
     assert_bitwise_equal(jpeg_reference / "last.pth", tmp_path / "run" / "last.pth")
 
 
@@ -188,8 +124,7 @@ def test_sigterm_to_torchrun_one_rank_checkpoints_and_resumes_bitwise(tmp_path, 
 def test_group_sigterm_to_train_sh_with_two_ranks_exits_75_and_resumes_bitwise(tmp_path, jpeg_root):
     """scripts/train.sh (torchrun, 2 ranks, 2 loader workers each): the script exits 75 from status.json."""
     straight = jpeg_config(tmp_path / "a", jpeg_root)
-    result = run(["bash", "scripts/train.sh", str(straight), "2"])
-    assert result.returncode == 0, result.stdout + result.stderr
+    run_ok(["bash", "scripts/train.sh", str(straight), "2"])
 
     config = jpeg_config(tmp_path / "b", jpeg_root)
     cmd = ["bash", "scripts/train.sh", str(config), "2"]
@@ -201,20 +136,8 @@ def test_group_sigterm_to_train_sh_with_two_ranks_exits_75_and_resumes_bitwise(t
     assert proc.returncode == EXIT_PREEMPTED, out
     check_preempted_mid_run(tmp_path / "b" / "run", steps, out)
     assert len(ck.load_checkpoint(tmp_path / "b" / "run" / "last.pth")["rng"]) == 2
-    result = run(cmd)
-    assert result.returncode == 0, result.stdout + result.stderr
+    run_ok(cmd)
     assert_bitwise_equal(tmp_path / "a" / "run" / "last.pth", tmp_path / "b" / "run" / "last.pth")
-
-
-def children(pid: int) -> list[int]:
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(stat.parent.name))
-        except (OSError, IndexError, ValueError):
-            continue
-    return found
 
 
 def alive(pid: int) -> bool:
@@ -257,8 +180,7 @@ BEST_SECTIONS = {"sched": {"epochs": 3}, "optim": {"lr": 0.4}}  # improves at ev
 @pytest.fixture(scope="module")
 def best_reference(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("best_reference")
-    result = run(train_cmd(tiny_config(tmp, **BEST_SECTIONS)))
-    assert result.returncode == 0, result.stdout + result.stderr
+    run_ok(train_cmd(tiny_config(tmp, **BEST_SECTIONS)))
     return tmp / "run"
 
 
@@ -271,8 +193,7 @@ def test_a_kill_inside_a_save_leaves_a_consistent_resumable_folder(tmp_path, bes
     config = tiny_config(tmp_path, **BEST_SECTIONS)
     killed = run(train_cmd(config), AN_FAULT=f"kill:{point}@{nth}")
     assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
-    result = run(train_cmd(config))  # the same command resumes and finishes
-    assert result.returncode == 0, result.stdout + result.stderr
+    run_ok(train_cmd(config))  # the same command resumes and finishes
 
     run_dir = tmp_path / "run"
     assert leftovers(run_dir) == []
@@ -307,8 +228,7 @@ def test_disk_full_during_a_save_keeps_the_last_checkpoint_and_marks_the_run_fai
     last = ck.load_checkpoint(run_dir / "last.pth")  # the previous checkpoint, intact
     assert (last["epoch"], last["step_in_epoch"]) == (1, 0)
     assert leftovers(run_dir) == []
-    done = run(train_cmd(config))  # space freed: the same command resumes
-    assert done.returncode == 0, done.stdout + done.stderr
+    run_ok(train_cmd(config))  # space freed: the same command resumes
     assert [r["epoch"] for r in read_log(run_dir)] == [1, 2]
 
 

@@ -15,7 +15,8 @@ from engine import checkpoint as ck
 from engine.distributed import EXIT_PREEMPTED
 from tests.conftest import tiny_config
 from tests.image_folders import make_image_folder
-from tests.test_train import SignalAfter, assert_same_state, read_log, wrap_train_loader
+from tests.processes import read_log
+from tests.test_train import SignalAfter, assert_same_state, wrap_train_loader
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -6,10 +6,6 @@ import json
 import math
 import os
 import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,20 +17,9 @@ from engine import checkpoint as ck
 from engine.distributed import EXIT_PREEMPTED
 from engine.errors import main_guard
 from tests.conftest import tiny_config
+from tests.processes import REPO, read_log, run_ok, start, torchrun, train_cmd, wait_for
 
-REPO = Path(__file__).resolve().parent.parent
 CUDA = torch.cuda.is_available()
-
-
-def read_log(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
-
-
-def run_ok(cmd: list[str], *, cwd: Path, env: dict, timeout: float) -> str:
-    """Runs ``cmd`` to the end, checks that it succeeded (showing its output if not) and returns its stdout."""
-    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, result.stdout + result.stderr
-    return result.stdout
 
 
 def assert_same_state(a: dict, b: dict, what: str) -> None:
@@ -283,22 +268,16 @@ def test_an_epoch_ends_on_an_optimizer_step(tmp_path):
 @pytest.mark.slow
 def test_sigterm_to_a_real_process_checkpoints_and_exits_75(tmp_path):
     config = tiny_config(tmp_path, data={"synthetic_train_size": 800}, log={"interval": 1, "progress": "lines"})
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, str(REPO / "train.py"), "--config", str(config)]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    log_file = tmp_path / "run" / "train.log"
-    deadline = time.time() + 120
-    while not (log_file.exists() and "[3/100]" in log_file.read_text()):
-        assert proc.poll() is None, proc.stdout.read()
-        assert time.time() < deadline, "training never reached step 3"
-        time.sleep(0.1)
+    cmd = train_cmd(config)
+    proc = start(cmd, new_session=False)
+    wait_for(proc, tmp_path / "run" / "train.log", "[3/100]", timeout=120)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == EXIT_PREEMPTED, out
     state = ck.load_checkpoint(tmp_path / "run" / "last.pth")
     assert state["epoch"] == 0 and 3 <= state["step_in_epoch"] < 100
     assert json.loads((tmp_path / "run" / "status.json").read_text())["state"] == "preempted"
-    out = run_ok(cmd, cwd=REPO, env=env, timeout=300)
+    out = run_ok(cmd, timeout=300)
     assert f"Resumed from {tmp_path / 'run' / 'last.pth'}: epoch 0, step {state['step_in_epoch']}" in out
 
 
@@ -342,10 +321,10 @@ def test_corrupt_images_are_skipped_counted_and_the_run_goes_on(tmp_path, capsys
 @pytest.mark.slow
 def test_demo_script_end_to_end_on_a_reduced_budget(tmp_path):
     """The README's main command (minus pip): builds the digits, trains, evaluates, compares the numbers."""
-    env = {**os.environ, "DIGITS_ROOT": str(tmp_path / "digits"), "OMP_NUM_THREADS": "2"}
     overrides = [f"train.output_dir={tmp_path / 'run'}", "sched.epochs=1", "sched.warmup_epochs=0.5"]
     overrides.append("train.steps_per_epoch=4")
-    out = run_ok(["bash", str(REPO / "scripts" / "demo.sh"), *overrides], cwd=tmp_path, env=env, timeout=600)
+    demo = ["bash", str(REPO / "scripts" / "demo.sh"), *overrides]
+    out = run_ok(demo, timeout=600, cwd=tmp_path, DIGITS_ROOT=str(tmp_path / "digits"), OMP_NUM_THREADS="2")
     assert (tmp_path / "digits" / "train" / "7").is_dir() and (tmp_path / "digits" / "val" / "0").is_dir()
     assert "eval.py top-1" in out and ": same" in out
     record = read_log(tmp_path / "run")[0]
@@ -353,9 +332,8 @@ def test_demo_script_end_to_end_on_a_reduced_budget(tmp_path):
 
 
 def test_torchrun_dry_run_of_the_paper_config_exactly_as_written(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "IMAGENET_ROOT": str(tmp_path / "nothing")}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"]
-    out = run_ok([*cmd, "train.py", "--config", "resnet50_an.yaml", "--dry-run"], cwd=REPO, env=env, timeout=300)
+    cmd = torchrun("--standalone", "--nproc_per_node", "1", "train.py", "--config", "resnet50_an.yaml", "--dry-run")
+    out = run_ok(cmd, timeout=300, IMAGENET_ROOT=str(tmp_path / "nothing"))
     assert "parameters     25,755," in out and "MACs           4.089G" in out
     assert "global batch   128 = 128 per GPU x 1 processes x 1" in out and "peak LR        0.05 =" in out
     assert "train images   1,281,167 (assumed: ImageNet-1k" in out and "10009 per epoch" in out
